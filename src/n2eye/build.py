@@ -1,0 +1,256 @@
+"""Assemble an N2-Eye model from an LFM2 language model and a SigLIP/SigLIP2 vision encoder, and save it.
+
+Backbones come from the hub or local folders through the real `from_pretrained`, from a named preset, or
+(`random_init`) from the preset's bundled configs with no download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    SiglipImageProcessor,
+)
+
+from .checkpoint import check_writable, default_generation_config, save_checkpoint
+from .modeling.configuration_n2eye import (
+    SUPPORTED_PROJECTOR_TYPES,
+    SUPPORTED_TEXT_MODEL_TYPES,
+    SUPPORTED_VISION_MODEL_TYPES,
+    N2EyeConfig,
+)
+from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
+from .modeling.processing_n2eye import N2EyeProcessor
+from .presets import get_preset, load_bundled_json
+
+# Tokens N2-Eye needs; added when the LM's tokenizer lacks them (LFM2 has the tool tokens, not the image ones).
+REQUIRED_SPECIAL_TOKENS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|tool_list_start|>",
+    "<|tool_list_end|>",
+    "<|tool_call_start|>",
+    "<|tool_call_end|>",
+    "<|tool_response_start|>",
+    "<|tool_response_end|>",
+    "<image>",
+    "<|image_start|>",
+    "<|image_end|>",
+)
+_VISION_CONTAINER_TYPES = {"siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+
+
+@dataclass
+class BuildConfig:
+    """What `n2eye build` assembles."""
+
+    out: str
+    """Folder to write the checkpoint to (replaced atomically if it exists)."""
+    preset: str | None = None
+    """Named recipe (`tiny`, `n2eye-1.3b`); sets lm, vision and projector unless given."""
+    lm: str | None = None
+    """LFM2 language model: hub id or local folder."""
+    vision: str | None = None
+    """SigLIP / SigLIP2 vision encoder: hub id or local folder."""
+    projector: str | None = None
+    """`mlp` (the N2-Eye card) or `pixel_unshuffle_mlp` (LFM2-VL); the preset's when not given."""
+    random_init: bool = False
+    """Build the preset's shapes from bundled configs with random weights, without downloading."""
+    dtype: str = "float32"
+    """Weight dtype to save: float32, bfloat16 or float16."""
+    seed: int = 0
+    """Seed for the randomly initialised parts (projector; everything with random_init)."""
+    vision_feature_layer: int = -1
+    """Vision hidden state fed to the projector (-1: last, after post-layernorm)."""
+
+    def __post_init__(self) -> None:
+        if self.preset is None and (self.lm is None or self.vision is None):
+            raise ValueError("Give --preset NAME, or both --lm and --vision (hub id or local path).")
+        if self.random_init and self.preset is None:
+            raise ValueError("--random-init builds a preset's shapes: give --preset too.")
+        if self.projector is not None and self.projector not in SUPPORTED_PROJECTOR_TYPES:
+            raise ValueError(f"Unknown projector {self.projector!r}; choose one of {list(SUPPORTED_PROJECTOR_TYPES)}.")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"Unknown dtype {self.dtype!r}; choose float32, bfloat16 or float16.")
+        if self.preset is not None:
+            get_preset(self.preset)  # validates the name early
+
+
+def cache_dir() -> Path:
+    """Where generated fixtures live between runs (override with N2EYE_CACHE)."""
+    return Path(os.environ.get("N2EYE_CACHE", Path.home() / ".cache" / "n2eye"))
+
+
+def add_special_tokens(tokenizer) -> list[str]:
+    """Adds the N2-Eye special tokens the tokenizer lacks; returns the ones added."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing
+
+
+def load_language_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Loads an LFM2 causal LM and its tokenizer; rejects other architectures with the supported list."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+        raise ValueError(
+            f"{name_or_path} is a {config.model_type!r} model; N2-Eye's language model must be one of "
+            f"{list(SUPPORTED_TEXT_MODEL_TYPES)} (e.g. LiquidAI/LFM2-350M, LiquidAI/LFM2-1.2B)."
+        )
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model, tokenizer
+
+
+def vision_config_of(config) -> object:
+    """The vision-tower config of a SigLIP/SigLIP2 checkpoint (full dual-encoder or vision-only)."""
+    if config.model_type in _VISION_CONTAINER_TYPES:
+        return config.vision_config
+    if config.model_type in SUPPORTED_VISION_MODEL_TYPES:
+        return config
+    raise ValueError(
+        f"Unsupported vision encoder type {config.model_type!r}; N2-Eye supports SigLIP and SigLIP2 checkpoints "
+        f"(model types {sorted(_VISION_CONTAINER_TYPES)} or {list(SUPPORTED_VISION_MODEL_TYPES)}), e.g. "
+        "google/siglip2-so400m-patch14-384."
+    )
+
+
+def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Loads the vision tower (from a full SigLIP checkpoint or a vision-only one) and its image processor."""
+    from transformers import AutoModel
+
+    vision_config = vision_config_of(AutoConfig.from_pretrained(name_or_path))
+    model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+    vision = getattr(model, "vision_model", model)
+    if not isinstance(vision, PreTrainedModel) or vision.config.model_type != vision_config.model_type:
+        raise ValueError(f"Could not find a vision tower in {name_or_path} ({type(model).__name__}).")
+    image_processor = AutoImageProcessor.from_pretrained(name_or_path)
+    return vision, image_processor
+
+
+def make_processor(tokenizer, image_processor, config: N2EyeConfig) -> N2EyeProcessor:
+    from .checkpoint import modeling_source_dir
+
+    tokenizer.chat_template = (modeling_source_dir() / "chat_template.jinja").read_text()
+    return N2EyeProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=tokenizer.chat_template,
+        patch_size=config.vision_config.patch_size,
+        downsample_factor=config.projector_factor,
+    )
+
+
+def make_config(text_config, vision_config, tokenizer, projector: str, vision_feature_layer: int = -1) -> N2EyeConfig:
+    text_config.bos_token_id = tokenizer.bos_token_id
+    text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    text_config.pad_token_id = tokenizer.pad_token_id
+    return N2EyeConfig(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        projector_type=projector,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer,
+        tie_word_embeddings=True,
+    )
+
+
+def assemble(lm, tokenizer, vision, image_processor, projector: str = "mlp", vision_feature_layer: int = -1, seed: int = 0):
+    """Builds an N2-Eye from loaded backbones: adds tokens, copies weights, resizes tied embeddings."""
+    add_special_tokens(tokenizer)
+    config = make_config(lm.config, vision.config, tokenizer, projector, vision_feature_layer)
+    torch.manual_seed(seed)
+    model = N2EyeForConditionalGeneration(config).to(lm.dtype)
+    model.model.language_model.load_state_dict(lm.model.state_dict())
+    vision_state = {k: v for k, v in vision.state_dict().items() if not k.startswith("head.")}
+    model.model.vision_tower.load_state_dict(vision_state)
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    if len(tokenizer) > config.text_config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.tie_weights()
+    model.eval()
+    return model, make_processor(tokenizer, image_processor, config)
+
+
+def build_random(preset_name: str, seed: int = 0):
+    """The preset's exact shapes with random weights, from bundled configs (no download)."""
+    from .fixtures import train_tiny_tokenizer
+
+    preset = get_preset(preset_name)
+    if preset.lm_config is None:  # the tiny preset is random-init by construction
+        return build_from_sources(*_tiny_sources(), projector=preset.projector, seed=seed)
+    text_config = AutoConfig.for_model(**load_bundled_json(preset.lm_config))
+    vision_config = AutoConfig.for_model(**load_bundled_json(preset.vision_config))
+    image_processor = SiglipImageProcessor(**_without_type(load_bundled_json(preset.image_processor_config)))
+    tokenizer = train_tiny_tokenizer(cache_dir() / "tokenizer")
+    add_special_tokens(tokenizer)
+    config = make_config(text_config, vision_config, tokenizer, preset.projector)
+    torch.manual_seed(seed)
+    model = N2EyeForConditionalGeneration(config).eval()
+    return model, make_processor(tokenizer, image_processor, config)
+
+
+def _without_type(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k not in ("image_processor_type", "processor_class")}
+
+
+def _tiny_sources() -> tuple[str, str]:
+    from .fixtures import make_tiny_backbones
+
+    paths = make_tiny_backbones(cache_dir() / "tiny-backbones")
+    return str(paths["lm"]), str(paths["vision"])
+
+
+def build_from_sources(lm: str, vision: str, projector: str = "mlp", vision_feature_layer: int = -1, seed: int = 0):
+    """Loads both backbones with `from_pretrained` (hub id or local folder) and assembles them."""
+    lm_model, tokenizer = load_language_model(lm)
+    vision_model, image_processor = load_vision_model(vision)
+    return assemble(lm_model, tokenizer, vision_model, image_processor, projector, vision_feature_layer, seed)
+
+
+def build(cfg: BuildConfig) -> Path:
+    """`n2eye build`: assemble and save a complete checkpoint folder; returns its path."""
+    check_writable(cfg.out)
+    preset = get_preset(cfg.preset) if cfg.preset else None
+    projector = cfg.projector or (preset.projector if preset else "mlp")
+    if cfg.random_init:
+        model, processor = build_random(cfg.preset, seed=cfg.seed)
+        if projector != preset.projector:
+            raise ValueError("--projector can't change a --random-init preset; build from --lm/--vision instead.")
+    else:
+        if preset is not None and preset.lm is None:
+            lm, vision = _tiny_sources()
+        else:
+            lm = cfg.lm or preset.lm
+            vision = cfg.vision or preset.vision
+        model, processor = build_from_sources(lm, vision, projector, cfg.vision_feature_layer, cfg.seed)
+    model.to(getattr(torch, cfg.dtype))
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    check_writable(cfg.out, need_bytes=n_bytes)
+    summary = {"build": dataclasses.asdict(cfg), "parameters": count_parameters(model)}
+    generation_config = default_generation_config(processor.tokenizer)
+    return save_checkpoint(model, processor, cfg.out, generation_config, extra_json={"n2eye_build.json": summary})
+
+
+def count_parameters(model) -> dict[str, int]:
+    """Parameters per part (tied embeddings counted once)."""
+    parts = {
+        "language_model": model.model.language_model,
+        "vision_tower": model.model.vision_tower,
+        "projector": model.model.multi_modal_projector,
+    }
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

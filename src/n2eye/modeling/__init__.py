@@ -1,0 +1,1 @@
+"""Files copied verbatim into every checkpoint (import only torch, transformers, Pillow and the stdlib)."""

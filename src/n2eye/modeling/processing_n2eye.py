@@ -1,0 +1,168 @@
+"""N2-Eye processor: tokenizer + the vision backbone's image processor + the LFM2 ChatML chat template.
+
+Ships inside every checkpoint (``trust_remote_code=True``). Each `<image>` in the text becomes
+`<|image_start|>` + `<image>` x (that image's token count) + `<|image_end|>`; the count comes from the processed
+image's patch grid, so variable-size inputs (SigLIP2 NaFlex, tiles) only change `image_token_counts`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+
+from .image_io import load_image
+from .tool_calls import normalize_tool_calls, parse_tool_calls
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant trained by Liquid AI. You can see and understand images."
+
+
+class N2EyeProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"add_special_tokens": False, "padding": False}}
+
+
+class N2EyeProcessor(ProcessorMixin):
+    """Turns chat messages with images into `input_ids`, `attention_mask`, `pixel_values` (+ `assistant_masks`).
+
+    Args:
+        image_processor: the vision backbone's image processor (e.g. `SiglipImageProcessor`).
+        tokenizer: the LFM2 tokenizer with `<image>`, `<|image_start|>`, `<|image_end|>` added.
+        chat_template: the LFM2 ChatML template (`chat_template.jinja`).
+        patch_size: the vision tower's patch size in pixels.
+        downsample_factor: the projector's spatial merge factor (1 for `mlp`, 2 for `pixel_unshuffle_mlp`).
+        default_system_prompt: used when a conversation has no system message; `None` or "" for none.
+        use_image_special_tokens: wrap each image's tokens in `<|image_start|>` / `<|image_end|>`.
+    """
+
+    valid_processor_kwargs = N2EyeProcessorKwargs
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        patch_size: int = 14,
+        downsample_factor: int = 1,
+        default_system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        use_image_special_tokens: bool = True,
+        **kwargs,
+    ):
+        self.image_token = "<image>"
+        self.image_start_token = "<|image_start|>"
+        self.image_end_token = "<|image_end|>"
+        self.patch_size = patch_size
+        self.downsample_factor = downsample_factor
+        self.default_system_prompt = default_system_prompt
+        self.use_image_special_tokens = use_image_special_tokens
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                "The tokenizer has no <image> token. Build the checkpoint with `n2eye build`, which adds "
+                "<image>, <|image_start|> and <|image_end|> to the tokenizer."
+            )
+
+    # ---- chat template -------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """HF `apply_chat_template` plus: the processor's default system prompt, OpenAI `image_url` items and
+        JSON-string tool-call arguments. Returns `assistant_masks` with `return_assistant_tokens_mask=True`."""
+        kwargs.setdefault("default_system_prompt", self.default_system_prompt or "")
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        conversations = [normalize_tool_calls(list(conv)) for conv in conversations]
+        return super().apply_chat_template(conversations if batched else conversations[0], chat_template, **kwargs)
+
+    @staticmethod
+    def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+        """Splits generated text into (content, OpenAI-style tool_calls)."""
+        return parse_tool_calls(text)
+
+    # ---- images ----------------------------------------------------------------------------------------
+    def _nest_images(self, images, text: list[str]) -> list[list]:
+        """One list of images per text, in order; a flat list is split by each text's `<image>` count."""
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if any(isinstance(item, (list, tuple)) for item in images):
+            nested = [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+        else:
+            counts = [t.count(self.image_token) for t in text]
+            if sum(counts) != len(images):
+                raise ValueError(
+                    f"The text has {sum(counts)} {self.image_token} placeholder(s) ({counts} per sample) but "
+                    f"{len(images)} image(s) were given. Put one image item in the messages per image, or pass "
+                    "images as one list per sample."
+                )
+            nested, start = [], 0
+            for n in counts:
+                nested.append(list(images[start : start + n]))
+                start += n
+        if len(nested) != len(text):
+            raise ValueError(f"Got {len(text)} text sample(s) but image lists for {len(nested)} sample(s).")
+        return [[load_image(img) for img in sample if img is not None] for sample in nested]
+
+    def image_token_counts(self, processed: dict) -> list[int]:
+        """Number of `<image>` tokens for each processed image: the patch grid merged by the projector factor."""
+        f = self.downsample_factor
+        if "spatial_shapes" in processed:  # SigLIP2 NaFlex: per-image grid
+            return [math.ceil(int(h) / f) * math.ceil(int(w) / f) for h, w in processed["spatial_shapes"]]
+        pixel_values = processed["pixel_values"]
+        height, width = pixel_values.shape[-2], pixel_values.shape[-1]
+        per_image = math.ceil(height // self.patch_size / f) * math.ceil(width // self.patch_size / f)
+        return [per_image] * len(pixel_values)
+
+    def _image_replacement(self, n_tokens: int) -> str:
+        body = self.image_token * n_tokens
+        if self.use_image_special_tokens:
+            return self.image_start_token + body + self.image_end_token
+        return body
+
+    # ---- main entry ------------------------------------------------------------------------------------
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+        """Tokenizes `text` (str or list) whose `<image>` placeholders match `images` (per sample, in order)."""
+        if text is None:
+            raise ValueError("N2EyeProcessor needs `text` (use the chat template); an image alone has no prompt.")
+        text = [text] if isinstance(text, str) else list(text)
+        merged = self._merge_kwargs(
+            N2EyeProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        return_offsets = merged.get("return_text_replacement_offsets") or text_kwargs.pop(
+            "return_text_replacement_offsets", False
+        )
+        counts_in_text = [t.count(self.image_token) for t in text]
+        data, replacements = {}, []
+        if images is not None:
+            nested = self._nest_images(images, text)
+            n_given = [len(sample) for sample in nested]
+            if n_given != counts_in_text:
+                raise ValueError(
+                    f"Each sample needs one image per {self.image_token} placeholder: the text has {counts_in_text} "
+                    f"and the images are {n_given} per sample."
+                )
+            flat = [img for sample in nested for img in sample]
+            if flat:
+                images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+                processed = self.image_processor(flat, **images_kwargs)
+                data.update(processed)
+                replacements = [self._image_replacement(n) for n in self.image_token_counts(processed)]
+        elif any(counts_in_text):
+            raise ValueError(
+                f"The text has {sum(counts_in_text)} {self.image_token} placeholder(s) but no images were passed. "
+                "Pass the images (or image items in the messages) to the processor."
+            )
+        text, offsets = self.get_text_with_replacements(text, images_replacements=replacements)
+        text_inputs = self.tokenizer(text, **text_kwargs)
+        self._check_special_mm_tokens(text, text_inputs, modalities=["image"])
+        if return_offsets:
+            text_inputs["text_replacement_offsets"] = offsets
+        data.update(text_inputs)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "spatial_shapes", "pixel_attention_mask"]
+
+
+__all__ = ["N2EyeProcessor", "DEFAULT_SYSTEM_PROMPT"]
