@@ -83,6 +83,16 @@ class N2EyePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loading re-creates parameters (requires_grad=True), so the vision freeze is applied again here."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        base = model.model if hasattr(model, "model") else model
+        if model.config.freeze_vision:
+            base.vision_tower.requires_grad_(False)
+        return loaded
+
 
 class N2EyeModel(N2EyePreTrainedModel):
     """Vision tower + projector + LFM2 backbone (no LM head)."""

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny N2-Eye checkpoints built once per test session, offline, with the real build path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def n2eye_cache(tmp_path_factory) -> Path:
+    """Keeps generated backbones/tokenizers inside the test session, never in the user's cache."""
+    path = tmp_path_factory.mktemp("n2eye-cache")
+    os.environ["N2EYE_CACHE"] = str(path)
+    return path
+
+
+def _build(out: Path, **kwargs) -> Path:
+    from n2eye.build import BuildConfig, build
+
+    return build(BuildConfig(out=str(out), **kwargs))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """`n2eye build --preset tiny` (MLP projector, 64 tokens per image)."""
+    return _build(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_unshuffle_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset with the LFM2-VL pixel-unshuffle projector (16 tokens per image)."""
+    return _build(tmp_path_factory.mktemp("ckpt") / "tiny-unshuffle", preset="tiny", projector="pixel_unshuffle_mlp")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    """Model + processor loaded the way users load them (trust_remote_code)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    return model, processor
+
+
+def draw_shapes(size=(96, 80), background=(30, 120, 200), shape="circle", color=(250, 20, 20)) -> Image.Image:
+    """A small synthetic picture (no files from the network)."""
+    image = Image.new("RGB", size, background)
+    draw = ImageDraw.Draw(image)
+    box = (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    return image
+
+
+@pytest.fixture
+def image_path(tmp_path) -> Path:
+    path = tmp_path / "shapes.png"
+    draw_shapes().save(path)
+    return path
