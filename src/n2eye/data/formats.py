@@ -1,0 +1,545 @@
+"""Dataset rows -> Conversations, one adapter per format, with format auto-detection and skip counting.
+
+A Conversation is `{"messages": [HF chat messages], "images": [RGB PIL images]}` (+ `"metadata"`, and
+`"tools"` when the row has them): user content is a list of `{"type": "image"}` / `{"type": "text"}` items,
+image items matched in order to `images`; assistant content is a string (plus OpenAI `tool_calls`).
+Bad rows are skipped with a reason in a `SkipReport`; only a wrong format (checked before any row is
+read) or a dataset whose every row is bad stops a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+from n2eye.data.cragmm import CRAGMM_DESCRIPTION, CRAGMM_REQUIRED_COLUMNS, CragLabels, cragmm_to_conversation
+from n2eye.data.image_cache import ImageCache, resolve_image
+from n2eye.data.report import (
+    EMPTY_TURNS,
+    IMAGE_COUNT_MISMATCH,
+    IMAGE_MISSING,
+    MALFORMED_ROW,
+    NO_ASSISTANT_TURN,
+    UNKNOWN_ROLE,
+    SkipReport,
+    SkipRow,
+)
+from n2eye.data.sources import column_names, load_source, spec_base_dir
+
+logger = logging.getLogger(__name__)
+
+Conversation = dict[str, Any]
+FORMATS = ("cragmm", "messages", "llava")
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "cragmm": CRAGMM_REQUIRED_COLUMNS,
+    "messages": ("messages",),
+    "llava": ("conversations",),
+}
+FORMAT_DESCRIPTIONS = {
+    "cragmm": CRAGMM_DESCRIPTION,
+    "messages": "messages: a `messages` column in HF chat format (images inline as content items or in an `images` column)",
+    "llava": "llava: a `conversations` column of {from: human|gpt, value} turns and an `image` file name",
+}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_TOKEN = "<image>"
+
+
+def describe_formats() -> str:
+    return "; ".join(FORMAT_DESCRIPTIONS[name] for name in FORMATS)
+
+
+def detect_format(columns: Iterable[str]) -> str:
+    """The format whose required columns are all present; a clear ValueError when none is."""
+    found = list(columns)
+    for name in FORMATS:
+        if all(column in found for column in REQUIRED_COLUMNS[name]):
+            return name
+    raise ValueError(
+        f"Could not detect the data format: found columns {', '.join(found) or '(none)'}. "
+        f"Expected one of: {describe_formats()}. Pass --format to choose one, or rename the columns."
+    )
+
+
+def check_format(format: str, columns: Iterable[str]) -> str:
+    """Resolves "auto" and checks an explicit format's columns, before any row is converted."""
+    found = list(columns)
+    if format == "auto":
+        return detect_format(found)
+    if format not in FORMATS:
+        raise ValueError(f"Unknown format {format!r}; use auto, {', '.join(FORMATS)}.")
+    missing = [c for c in REQUIRED_COLUMNS[format] if c not in found]
+    if missing:
+        raise ValueError(
+            f"Format {format!r} needs column(s) {', '.join(missing)}, found columns {', '.join(found) or '(none)'}. "
+            f"Expected {FORMAT_DESCRIPTIONS[format]}."
+        )
+    return format
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _maybe_json(value: Any, what: str) -> Any:
+    """Columns sometimes hold JSON text instead of nested values (CSV, hand-written files)."""
+    if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise SkipRow(MALFORMED_ROW, f"{what} is not valid JSON: {err}") from err
+    return value
+
+
+def _drop_none(item: Mapping[str, Any]) -> dict[str, Any]:
+    """Arrow gives every struct all keys seen in the column; the absent ones come back as None."""
+    return {k: v for k, v in item.items() if v is not None}
+
+
+def _split_image_tokens(text: str) -> list[dict[str, Any]]:
+    """"<image>\\nWhat is it?" -> [image item, text item]; whitespace next to a token is dropped."""
+    parts = text.split(IMAGE_TOKEN)
+    items: list[dict[str, Any]] = []
+    for index, part in enumerate(parts):
+        if index > 0:
+            items.append({"type": "image"})
+            part = part.lstrip()
+        if index < len(parts) - 1:
+            part = part.rstrip()
+        if part:
+            items.append({"type": "text", "text": part})
+    return items
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and value == "":
+        return []
+    return [value]
+
+
+def _inline_image_source(item: Mapping[str, Any]) -> Any:
+    """Where an image content item says its image is (None when it relies on the `images` column)."""
+    if item.get("type") == "image_url":
+        value = item.get("image_url")
+        if isinstance(value, Mapping):
+            value = value.get("url")
+        return value or item.get("url")
+    for key in ("image", "url", "path"):
+        value = item.get(key)
+        if value is not None and not (isinstance(value, str) and value == ""):
+            return value
+    return None
+
+
+def _text_only(content: Any, role: str) -> str:
+    """System/assistant content as one string; image items there are not supported."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = []
+        for item in content:
+            if isinstance(item, str):
+                texts.append(item)
+                continue
+            if not isinstance(item, Mapping):
+                raise SkipRow(MALFORMED_ROW, f"a {role} content item is a {type(item).__name__}, not a dict")
+            item = _drop_none(item)
+            if item.get("type") != "text" or not isinstance(item.get("text", ""), str):
+                raise SkipRow(MALFORMED_ROW, f"{role} messages may only hold text, got a {item.get('type')!r} item")
+            texts.append(item.get("text", ""))
+        return "".join(texts)
+    raise SkipRow(MALFORMED_ROW, f"{role} content is a {type(content).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ messages
+
+
+def messages_to_conversation(
+    row: Mapping[str, Any],
+    *,
+    image_cache: ImageCache | None = None,
+    base_dir: str | os.PathLike | None = None,
+    require_assistant: bool = True,
+) -> Conversation:
+    """A `messages` row (HF chat format) -> Conversation; images inline or from a parallel `images` column."""
+    from n2eye.modeling.tool_calls import normalize_tool_calls
+
+    cache = image_cache or ImageCache()
+    raw = _maybe_json(row.get("messages"), "messages")
+    if raw is None or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+        raise SkipRow(EMPTY_TURNS, "no messages")
+    if not isinstance(raw, (list, tuple)):
+        raise SkipRow(MALFORMED_ROW, f"messages is a {type(raw).__name__}, expected a list")
+    column_images = _as_list(row.get("images"))
+    next_column = 0
+    sources: list[Any] = []
+
+    def take_column_image() -> Any:
+        nonlocal next_column
+        if next_column >= len(column_images):
+            raise SkipRow(
+                IMAGE_COUNT_MISMATCH,
+                f"more image items than entries in the images column ({len(column_images)})",
+            )
+        next_column += 1
+        return column_images[next_column - 1]
+
+    messages: list[dict[str, Any]] = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, Mapping):
+            raise SkipRow(MALFORMED_ROW, f"message {index} is a {type(message).__name__}, not a dict")
+        message = _drop_none(message)
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise SkipRow(UNKNOWN_ROLE, f"message {index} has role {role!r}; allowed: {', '.join(CHAT_ROLES)}")
+        content = message.get("content")
+        if role == "user":
+            if isinstance(content, str):
+                items = _split_image_tokens(content)
+                for item in items:
+                    if item["type"] == "image":
+                        sources.append(take_column_image())
+            elif isinstance(content, (list, tuple)):
+                items = []
+                for item in content:
+                    if isinstance(item, str):
+                        items.append({"type": "text", "text": item})
+                        continue
+                    if not isinstance(item, Mapping):
+                        raise SkipRow(MALFORMED_ROW, f"message {index} has a content item that is not a dict")
+                    item = _drop_none(item)
+                    kind = item.get("type")
+                    if kind == "text":
+                        if not isinstance(item.get("text", ""), str):
+                            raise SkipRow(MALFORMED_ROW, f"message {index} has a text item without string text")
+                        items.append({"type": "text", "text": item.get("text", "")})
+                    elif kind in ("image", "image_url"):
+                        source = _inline_image_source(item)
+                        sources.append(source if source is not None else take_column_image())
+                        items.append({"type": "image"})
+                    else:
+                        raise SkipRow(MALFORMED_ROW, f"message {index} has an unsupported content type {kind!r}")
+            else:
+                raise SkipRow(MALFORMED_ROW, f"message {index} (user) has no content")
+            if not items:
+                raise SkipRow(MALFORMED_ROW, f"message {index} (user) is empty")
+            messages.append({"role": "user", "content": items})
+        elif role == "system":
+            messages.append({"role": "system", "content": _text_only(content, role)})
+        elif role == "assistant":
+            out: dict[str, Any] = {"role": "assistant", "content": _text_only(content, role)}
+            tool_calls = _maybe_json(message.get("tool_calls"), f"message {index} tool_calls")
+            if tool_calls:
+                if not isinstance(tool_calls, (list, tuple)):
+                    raise SkipRow(MALFORMED_ROW, f"message {index} tool_calls is not a list")
+                out["tool_calls"] = [
+                    _drop_none(call) if isinstance(call, Mapping) else call for call in tool_calls
+                ]
+            if not out["content"] and not out.get("tool_calls"):
+                raise SkipRow(MALFORMED_ROW, f"message {index} (assistant) is empty")
+            messages.append(out)
+        else:  # tool
+            out = {"role": "tool", "content": content if content is not None else ""}
+            for key in ("tool_call_id", "name"):
+                if key in message:
+                    out[key] = message[key]
+            messages.append(out)
+    if next_column != len(column_images):
+        raise SkipRow(
+            IMAGE_COUNT_MISMATCH,
+            f"{len(column_images)} entries in the images column but {next_column} image items use them",
+        )
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise SkipRow(NO_ASSISTANT_TURN, "no assistant message to learn from")
+    try:
+        messages = normalize_tool_calls(messages)
+    except ValueError as err:
+        raise SkipRow(MALFORMED_ROW, str(err)) from err
+    images = [resolve_image(source, cache, base_dir) for source in sources]
+    conversation: Conversation = {"messages": messages, "images": images, "metadata": {"format": "messages"}}
+    if row.get("id") is not None:
+        conversation["metadata"]["id"] = row.get("id")
+    tools = _maybe_json(row.get("tools"), "tools")
+    if tools:
+        conversation["tools"] = tools
+    return conversation
+
+
+# --------------------------------------------------------------------------------------------- LLaVA
+
+
+def llava_to_conversation(
+    row: Mapping[str, Any],
+    *,
+    image_cache: ImageCache | None = None,
+    image_root: str | os.PathLike | None = None,
+    require_assistant: bool = True,
+) -> Conversation:
+    """A LLaVA row (`image` + `conversations` of from/value turns) -> Conversation.
+
+    `<image>` in a human turn becomes an image item where it stands; a row with an image and no token
+    gets it at the start of the first human turn (as LLaVA's own loader does).
+    """
+    cache = image_cache or ImageCache()
+    turns = _maybe_json(row.get("conversations"), "conversations")
+    if turns is None or (isinstance(turns, (list, tuple)) and len(turns) == 0):
+        raise SkipRow(EMPTY_TURNS, "no conversations")
+    if not isinstance(turns, (list, tuple)):
+        raise SkipRow(MALFORMED_ROW, f"conversations is a {type(turns).__name__}, expected a list")
+    images = _as_list(row.get("image"))
+    parsed: list[tuple[str, str]] = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise SkipRow(MALFORMED_ROW, f"turn {index} is not a dict")
+        speaker = turn.get("from", turn.get("role"))
+        role = LLAVA_ROLES.get(str(speaker).lower()) if speaker is not None else None
+        if role is None:
+            raise SkipRow(UNKNOWN_ROLE, f"turn {index} is from {speaker!r}; expected human or gpt")
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            raise SkipRow(MALFORMED_ROW, f"turn {index} has no string value")
+        if role != "user" and IMAGE_TOKEN in value:
+            raise SkipRow(MALFORMED_ROW, f"turn {index} ({speaker}) holds an <image> token")
+        parsed.append((role, value))
+    tokens = sum(value.count(IMAGE_TOKEN) for role, value in parsed if role == "user")
+    if tokens == 0 and images:
+        first_user = next((i for i, (role, _) in enumerate(parsed) if role == "user"), None)
+        if first_user is None:
+            raise SkipRow(MALFORMED_ROW, "an image but no human turn to put it in")
+        parsed[first_user] = ("user", IMAGE_TOKEN * len(images) + "\n" + parsed[first_user][1])
+        tokens = len(images)
+    if tokens and not images:
+        raise SkipRow(IMAGE_MISSING, f"{tokens} <image> token(s) but the row names no image")
+    if tokens != len(images):
+        raise SkipRow(IMAGE_COUNT_MISMATCH, f"{tokens} <image> token(s) for {len(images)} image(s)")
+    messages: list[dict[str, Any]] = []
+    for role, value in parsed:
+        if role == "user":
+            items = _split_image_tokens(value)
+            if not items:
+                raise SkipRow(MALFORMED_ROW, "an empty human turn")
+            messages.append({"role": "user", "content": items})
+        else:
+            messages.append({"role": role, "content": value})
+    if require_assistant and not any(m["role"] == "assistant" and m["content"] for m in messages):
+        raise SkipRow(NO_ASSISTANT_TURN, "no gpt turn to learn from")
+    loaded = [resolve_image(source, cache, image_root) for source in images]
+    conversation: Conversation = {"messages": messages, "images": loaded, "metadata": {"format": "llava"}}
+    if row.get("id") is not None:
+        conversation["metadata"]["id"] = row.get("id")
+    return conversation
+
+
+# ------------------------------------------------------------------------------------ running it all
+
+
+@dataclass
+class ConversationAdapter:
+    """Converts one row of a known format; raises `SkipRow` for rows it cannot use.
+
+    Usable on its own for map-style access (`adapter(dataset[i])`); `iter_conversations` wraps it with
+    skip counting.
+    """
+
+    format: str
+    labels: CragLabels
+    image_cache: ImageCache
+    base_dir: Path | None = None
+    image_root: Path | None = None
+    eval_resize: bool = False
+    require_assistant: bool = True
+
+    def __call__(self, row: Mapping[str, Any]) -> Conversation:
+        if not isinstance(row, Mapping):
+            raise SkipRow(MALFORMED_ROW, f"row is a {type(row).__name__}, not a dict")
+        if self.format == "cragmm":
+            return cragmm_to_conversation(
+                row, labels=self.labels, image_cache=self.image_cache, base_dir=self.base_dir, eval_resize=self.eval_resize
+            )
+        if self.format == "messages":
+            return messages_to_conversation(
+                row, image_cache=self.image_cache, base_dir=self.base_dir, require_assistant=self.require_assistant
+            )
+        return llava_to_conversation(
+            row,
+            image_cache=self.image_cache,
+            image_root=self.image_root or self.base_dir,
+            require_assistant=self.require_assistant,
+        )
+
+
+def _dataset_columns(dataset: Any) -> list[str]:
+    names = column_names(dataset)
+    if names is not None:
+        return names
+    if isinstance(dataset, (list, tuple)):
+        first = dataset[0] if dataset else None
+    else:  # an IterableDataset without known features: look at its first row
+        first = next(iter(dataset), None)
+    return list(first) if isinstance(first, Mapping) else []
+
+
+def make_adapter(
+    dataset: Any,
+    format: str = "auto",
+    *,
+    base_dir: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    image_cache: ImageCache | None = None,
+    eval_resize: bool = False,
+    require_assistant: bool = True,
+) -> ConversationAdapter:
+    """Checks the format against the dataset's columns (ValueError if unknown) and builds its adapter."""
+    resolved = check_format(format, _dataset_columns(dataset))
+    return ConversationAdapter(
+        format=resolved,
+        labels=CragLabels.from_features(getattr(dataset, "features", None)),
+        image_cache=image_cache or ImageCache(),
+        base_dir=Path(base_dir) if base_dir is not None else None,
+        image_root=Path(image_root).expanduser().resolve() if image_root is not None else None,
+        eval_resize=eval_resize,
+        require_assistant=require_assistant,
+    )
+
+
+def _no_image_decoding(feature: Any) -> tuple[Any, bool]:
+    """A copy of `feature` with every `Image` set to decode=False (so a corrupt image skips a row
+    instead of raising inside `datasets`), and whether anything changed."""
+    from datasets import Image as ImageFeature
+
+    if isinstance(feature, ImageFeature):
+        if not feature.decode:
+            return feature, False
+        new = copy.copy(feature)
+        new.decode = False
+        return new, True
+    if isinstance(feature, dict):
+        from datasets import Features
+
+        items, changed = {}, False
+        for key, value in feature.items():
+            items[key], sub = _no_image_decoding(value)
+            changed = changed or sub
+        if not changed:
+            return feature, False
+        return (Features(items) if isinstance(feature, Features) else items), True
+    if hasattr(feature, "feature"):
+        inner, changed = _no_image_decoding(feature.feature)
+        if changed:
+            feature = copy.copy(feature)
+            feature.feature = inner
+        return feature, changed
+    return feature, False
+
+
+def raw_image_view(dataset: Any) -> Any:
+    """The dataset with image decoding turned off (cheap for top-level image columns)."""
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    new_features, changed = _no_image_decoding(features)
+    if not changed:
+        return dataset
+    from datasets import Image as ImageFeature
+
+    changed_columns = [name for name in features if new_features[name] is not features[name]]
+    if all(isinstance(new_features[name], ImageFeature) for name in changed_columns):
+        for name in changed_columns:  # metadata-only change, no data rewritten
+            dataset = dataset.cast_column(name, new_features[name])
+        return dataset
+    return dataset.cast(new_features)
+
+
+def _row_id(row: Any, index: int) -> Any:
+    if isinstance(row, Mapping):
+        for key in ("session_id", "id"):
+            if row.get(key) is not None:
+                return row.get(key)
+    return index
+
+
+def _generate(dataset: Any, adapter: ConversationAdapter, report: SkipReport, check_all_bad: bool) -> Iterator[Conversation]:
+    total = 0
+    for index, row in enumerate(dataset):
+        total += 1
+        try:
+            conversation = adapter(row)
+        except SkipRow as skip:
+            report.add(skip.reason, _row_id(row, index), skip.detail)
+            logger.debug("skipped row %s: %s", _row_id(row, index), skip)
+            continue
+        except Exception as err:  # a row must never end the run; the report keeps what went wrong
+            report.add(MALFORMED_ROW, _row_id(row, index), f"{type(err).__name__}: {err}")
+            logger.debug("skipped row %s", _row_id(row, index), exc_info=True)
+            continue
+        report.add_kept()
+        yield conversation
+    if report.skipped:
+        logger.warning("data: %s", report.summary())
+    if check_all_bad:
+        report.raise_if_all_bad(total)
+
+
+def iter_conversations(
+    dataset: Any,
+    format: str = "auto",
+    *,
+    report: SkipReport | None = None,
+    base_dir: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    image_cache: ImageCache | None = None,
+    eval_resize: bool = False,
+    require_assistant: bool = True,
+    check_all_bad: bool = True,
+) -> Iterator[Conversation]:
+    """Yields one Conversation per usable row of `dataset` (a Dataset, IterableDataset or list of dicts).
+
+    The format is checked now (ValueError naming expected and found columns); rows are converted lazily.
+    Skipped rows are counted in `report`; at the end of a pass where every row was skipped,
+    `NoUsableRowsError` is raised (unless `check_all_bad=False`). `base_dir` resolves relative image paths,
+    `image_root` is LLaVA's image folder (default `base_dir`), `eval_resize` resizes CRAG-MM egocentric
+    images to 960x1280 as the benchmark's evaluation does.
+    """
+    adapter = make_adapter(
+        dataset,
+        format,
+        base_dir=base_dir,
+        image_root=image_root,
+        image_cache=image_cache,
+        eval_resize=eval_resize,
+        require_assistant=require_assistant,
+    )
+    report = report if report is not None else SkipReport()
+    report.format_description = FORMAT_DESCRIPTIONS[adapter.format]
+    report.columns = _dataset_columns(dataset)
+    return _generate(raw_image_view(dataset), adapter, report, check_all_bad)
+
+
+def load_conversations(
+    spec: str | os.PathLike,
+    format: str = "auto",
+    *,
+    split: str | None = None,
+    streaming: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **options: Any,
+) -> Iterator[Conversation]:
+    """`load_source(spec)` + `iter_conversations`, with relative image paths resolved against SPEC's folder.
+
+    `options` go to `iter_conversations` (report, image_root, image_cache, eval_resize, ...).
+    """
+    dataset = load_source(spec, split=split, streaming=streaming, revision=revision, cache_dir=cache_dir)
+    options.setdefault("base_dir", spec_base_dir(spec))
+    return iter_conversations(dataset, format, **options)
+

@@ -1,0 +1,132 @@
+"""Web images fetched once into a local cache, so every epoch (and every process) reads the same bytes.
+
+Files are keyed by the sha256 of the URL and written atomically (temp file + rename), so concurrent
+data-loader workers never see half a file. Decoding goes through `load_image`, with its size/pixel caps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from n2eye.modeling.image_io import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    URL_TIMEOUT_S,
+    ImageLoadError,
+    load_image,
+)
+
+
+class ImageFetchError(ImageLoadError):
+    """A URL could not be downloaded (network error, HTTP error, timeout or over the size cap)."""
+
+
+def default_cache_dir() -> Path:
+    """`$N2EYE_CACHE/images`, else `~/.cache/n2eye/images` (same root as the other n2eye caches)."""
+    root = os.environ.get("N2EYE_CACHE") or str(Path.home() / ".cache" / "n2eye")
+    return Path(root) / "images"
+
+
+def is_url(source: Any) -> bool:
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
+
+
+class ImageCache:
+    """Downloads each URL once and decodes images with the project's limits."""
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        timeout: float = URL_TIMEOUT_S,
+        max_bytes: int = MAX_IMAGE_BYTES,
+        max_pixels: int = MAX_IMAGE_PIXELS,
+    ) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    def path_for(self, url: str) -> Path:
+        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()
+        return self.cache_dir / digest[:2] / digest
+
+    def _download(self, url: str) -> bytes:
+        request = urllib.request.Request(url, headers={"User-Agent": "n2eye"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                data = response.read(self.max_bytes + 1)
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
+            raise ImageFetchError(f"Could not fetch image URL {url[:120]}: {err}.") from err
+        if len(data) > self.max_bytes:
+            raise ImageFetchError(f"Image at {url[:120]} is larger than {self.max_bytes} bytes (the cap).")
+        return data
+
+    def fetch(self, url: str) -> Path:
+        """Returns the local file for `url`, downloading it on the first call. Only decodable images are cached."""
+        path = self.path_for(url)
+        if path.is_file():
+            return path
+        data = self._download(url)
+        # Check it decodes before caching, so an HTML error page is not kept as an "image".
+        load_image(data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return path
+
+    def load(self, source: Any) -> Image.Image:
+        """An RGB image from a URL (through the cache) or anything `load_image` accepts."""
+        if is_url(source):
+            source = str(self.fetch(source))
+        return load_image(source, timeout=self.timeout, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+
+
+def resolve_image(source: Any, cache: ImageCache, base_dir: str | os.PathLike | None = None) -> Image.Image:
+    """Loads one row's image, turning every failure into a `SkipRow` with a stable reason.
+
+    Accepts what rows hold: a PIL image, a `datasets` Image value `{"bytes", "path"}`, raw bytes, a URL
+    (cached), a data URI, or a path (relative paths resolve against `base_dir`).
+    """
+    from n2eye.data.report import IMAGE_CORRUPT, IMAGE_FETCH_FAILED, IMAGE_MISSING, MALFORMED_ROW, SkipRow
+
+    if isinstance(source, dict):  # datasets Image feature with decode=False
+        data, path = source.get("bytes"), source.get("path")
+        source = data if data else path
+    if source is None or (isinstance(source, (str, bytes, bytearray)) and len(source) == 0):
+        raise SkipRow(IMAGE_MISSING, "no image given")
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if isinstance(source, str) and not is_url(source) and not source.startswith("data:"):
+        text = source[7:] if source.startswith("file://") else source
+        path = Path(text).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise SkipRow(IMAGE_MISSING, f"image file not found: {path}")
+        source = str(path)
+    elif not isinstance(source, (str, bytes, bytearray, Image.Image)):
+        raise SkipRow(MALFORMED_ROW, f"unsupported image value of type {type(source).__name__}")
+    try:
+        return cache.load(source)
+    except ImageFetchError as err:
+        raise SkipRow(IMAGE_FETCH_FAILED, str(err)) from err
+    except ImageLoadError as err:
+        raise SkipRow(IMAGE_CORRUPT, str(err)) from err

@@ -1,0 +1,43 @@
+"""Every command in the README runs: the main command's n2eye steps and the Python example."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def block_after(marker: str) -> str:
+    match = re.search(rf"<!-- {marker} -->\s*```\w+\n(.*?)```", README, re.S)
+    assert match, f"README lost its {marker} block"
+    return match.group(1).strip()
+
+
+def test_ci_runs_the_readme_test_command():
+    command = block_after("test-command")
+    assert "pytest" in command and "torch==2.13.0" in command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "test-command" in ci
+
+
+def test_main_command_and_python_example(tmp_path):
+    command = block_after("main-command")
+    assert "torch==2.13.0" in command
+    steps = [s.strip() for s in command.split("&&") if s.strip().startswith("n2eye ")]
+    assert [s.split()[1] for s in steps] == ["build", "generate"]
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "example.png", tmp_path / "docs" / "example.png")
+    n2eye = [sys.executable, "-m", "n2eye.cli"]
+    for step in steps:
+        result = subprocess.run(n2eye + shlex.split(step)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (step, result.stderr[-2000:])
+    script = tmp_path / "example.py"
+    script.write_text(block_after("python-example"))
+    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
