@@ -17,7 +17,8 @@ from pathlib import Path
 
 import datasets
 import pytest
-from datasets import ClassLabel, Features, Image as ImageFeature, List, Sequence, Value
+from datasets import ClassLabel, Features, List, Sequence, Value
+from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw
 
 from n2eye.data import (
@@ -106,7 +107,7 @@ class _Server:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server API)
+            def do_GET(self):
                 server.requests.append(self.path)
                 data = server.files.get(self.path)
                 if data is None:
@@ -544,3 +545,24 @@ def test_unknown_format_fails_before_reading_rows(tmp_path):
         iter_conversations(dataset)  # raised at the call, not on the first next()
     with pytest.raises(ValueError, match=r"Format 'cragmm' needs column\(s\) turns, answers, found columns question, answer"):
         iter_conversations(dataset, "cragmm")
+
+
+def test_messages_dataset_with_nested_image_feature(tmp_path):
+    """HF-hub style `images: List(Image())`: a corrupt image skips its row instead of breaking `datasets`."""
+    ok = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yo."}]},
+    ]
+    features = Features({
+        "messages": List({"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}),
+        "images": List(ImageFeature()),
+    })
+    rows = [{"messages": ok, "images": [IMAGES["s1"]]}, {"messages": ok, "images": [{"bytes": b"bad", "path": None}]}]
+    dataset = datasets.Dataset.from_list(rows, features=features)
+    for data in (dataset, dataset.to_iterable_dataset()):
+        convs, report = convert(data, tmp_path)
+        assert report.counts == {"image_corrupt": 1}
+        assert convs[0]["messages"][1] == {"role": "assistant", "content": "Yo."}
+        assert convs[0]["images"][0].tobytes() == IMAGES["s1"].tobytes()
+    with pytest.raises(ValueError, match="DatasetDict with splits train"):
+        iter_conversations(datasets.DatasetDict({"train": dataset}))

@@ -39,6 +39,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    train(config_from_args(TrainConfig, args))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .build import BuildConfig
     from .infer.generate import GenerateConfig
@@ -48,6 +56,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="assemble a model from LFM2 + SigLIP backbones (or a preset) and save it")
     add_dataclass_arguments(p, BuildConfig)
     p.set_defaults(func=_cmd_build)
+    from .train.config import TrainConfig
+
+    p = sub.add_parser("train", help="train on CRAG-MM or your own chat data (projector, full or LoRA)")
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
     p = sub.add_parser("generate", help="answer one prompt about one image")
     add_dataclass_arguments(p, GenerateConfig)
     p.set_defaults(func=_cmd_generate)

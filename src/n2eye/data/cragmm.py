@@ -11,8 +11,9 @@ differs between releases, so they are decoded through the dataset's own features
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from PIL import Image
 
@@ -67,7 +68,7 @@ class CragLabels:
     row: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_features(cls, features: Mapping[str, Any] | None) -> "CragLabels":
+    def from_features(cls, features: Mapping[str, Any] | None) -> CragLabels:
         labels = cls()
         if not features:
             return labels

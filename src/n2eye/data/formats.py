@@ -13,11 +13,19 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
-from n2eye.data.cragmm import CRAGMM_DESCRIPTION, CRAGMM_REQUIRED_COLUMNS, CragLabels, cragmm_to_conversation
+import datasets
+
+from n2eye.data.cragmm import (
+    CRAGMM_DESCRIPTION,
+    CRAGMM_REQUIRED_COLUMNS,
+    CragLabels,
+    cragmm_to_conversation,
+)
 from n2eye.data.image_cache import ImageCache, resolve_image
 from n2eye.data.report import (
     EMPTY_TURNS,
@@ -400,6 +408,8 @@ def make_adapter(
     require_assistant: bool = True,
 ) -> ConversationAdapter:
     """Checks the format against the dataset's columns (ValueError if unknown) and builds its adapter."""
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise ValueError(f"Got a DatasetDict with splits {', '.join(dataset)}; pass one split (e.g. dataset['validation']).")
     resolved = check_format(format, _dataset_columns(dataset))
     return ConversationAdapter(
         format=resolved,

@@ -105,7 +105,13 @@ def resolve_image(source: Any, cache: ImageCache, base_dir: str | os.PathLike | 
     Accepts what rows hold: a PIL image, a `datasets` Image value `{"bytes", "path"}`, raw bytes, a URL
     (cached), a data URI, or a path (relative paths resolve against `base_dir`).
     """
-    from n2eye.data.report import IMAGE_CORRUPT, IMAGE_FETCH_FAILED, IMAGE_MISSING, MALFORMED_ROW, SkipRow
+    from n2eye.data.report import (
+        IMAGE_CORRUPT,
+        IMAGE_FETCH_FAILED,
+        IMAGE_MISSING,
+        MALFORMED_ROW,
+        SkipRow,
+    )
 
     if isinstance(source, dict):  # datasets Image feature with decode=False
         data, path = source.get("bytes"), source.get("path")
@@ -115,7 +121,7 @@ def resolve_image(source: Any, cache: ImageCache, base_dir: str | os.PathLike | 
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str) and not is_url(source) and not source.startswith("data:"):
-        text = source[7:] if source.startswith("file://") else source
+        text = source.removeprefix("file://")
         path = Path(text).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = Path(base_dir) / path

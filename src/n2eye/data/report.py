@@ -63,7 +63,7 @@ class SkipReport:
     def __bool__(self) -> bool:  # a report is "truthy" only when something was skipped
         return self.skipped > 0
 
-    def merge(self, other: "SkipReport") -> None:
+    def merge(self, other: SkipReport) -> None:
         """Adds another report's counts (e.g. from a data-loader worker)."""
         for reason, count in other.counts.items():
             self.counts[reason] += count

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import datasets
 
-AnyDataset = Union[datasets.Dataset, datasets.IterableDataset]
+AnyDataset = datasets.Dataset | datasets.IterableDataset
 
 FILE_BUILDERS = {
     ".json": "json",

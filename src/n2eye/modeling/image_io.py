@@ -80,7 +80,7 @@ def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
             f"Image at {_describe(url)} is larger than {max_bytes} bytes (the cap); use a smaller image or raise "
             "max_bytes."
         )
-    if content_type.startswith("text/"):
+    if content_type in ("text/html", "application/xhtml+xml") and data.lstrip()[:1] == b"<":
         raise ImageLoadError(
             f"URL {_describe(url)} returned a {content_type} page, not an image; link to the image file itself "
             "(e.g. the 'raw' / 'resolve' URL), not the page that shows it."
@@ -209,7 +209,9 @@ def _source_bytes(source, timeout: float, max_bytes: int) -> bytes:
             "or bytes."
         )
     if len(data) > max_bytes:
-        raise ImageLoadError(f"{what} is {len(data)} bytes, over the cap of {max_bytes} bytes; resize it or raise max_bytes.")
+        raise ImageLoadError(
+            f"{what} is {len(data)} bytes, over the cap of {max_bytes} bytes; resize it or raise max_bytes."
+        )
     return data
 
 

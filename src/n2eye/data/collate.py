@@ -1,0 +1,122 @@
+"""Conversation -> training Example (input_ids, labels, pixel_values), and batching.
+
+Labels come from the chat template's `{% generation %}` blocks (assistant answers and their `<|im_end|>`),
+so they can't drift from the rendered text. Truncation counts image tokens and never cuts inside an image
+block; a sample with no supervised token left is skipped (`too_long`), never trained on with zero loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .report import IMAGE_COUNT_MISMATCH, SkipRow
+
+TOO_LONG = "too_long"
+IGNORE_INDEX = -100
+
+
+def _fill_images(messages: list[dict], images: list) -> list[dict]:
+    """Puts the i-th image into the i-th `{"type": "image"}` placeholder so the processor can load it."""
+    filled, index = [], 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if isinstance(item, dict) and item.get("type") == "image" and not any(
+                    k in item for k in ("image", "url", "path", "base64")
+                ):
+                    if index >= len(images):
+                        raise SkipRow(IMAGE_COUNT_MISMATCH, f"more image items than the {len(images)} images")
+                    item = {"type": "image", "image": images[index]}
+                    index += 1
+                items.append(item)
+            message = {**message, "content": items}
+        filled.append(message)
+    if index != len(images):
+        raise SkipRow(IMAGE_COUNT_MISMATCH, f"{index} image items for {len(images)} images")
+    return filled
+
+
+def _keep_last_span(mask: list[int]) -> list[int]:
+    """Only the final contiguous run of assistant tokens stays supervised (last-turn-only training)."""
+    out = [0] * len(mask)
+    end = max((i for i, m in enumerate(mask) if m), default=-1)
+    i = end
+    while i >= 0 and mask[i]:
+        out[i] = 1
+        i -= 1
+    return out
+
+
+def _truncation_point(ids: list[int], max_length: int, start_id: int, end_id: int) -> int:
+    """`max_length`, moved back to the start of an image block the cut would fall inside."""
+    if len(ids) <= max_length:
+        return len(ids)
+    cut = max_length
+    opened = None
+    for i, token in enumerate(ids[:cut]):
+        if token == start_id:
+            opened = i
+        elif token == end_id:
+            opened = None
+    return opened if opened is not None else cut
+
+
+def encode_conversation(
+    processor, conversation: dict[str, Any], max_length: int, last_turn_only: bool = False
+) -> dict[str, Any]:
+    """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits."""
+    messages = _fill_images(conversation["messages"], conversation.get("images") or [])
+    out = processor.apply_chat_template(
+        messages,
+        tools=conversation.get("tools"),
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        return_tensors=None,
+    )
+    ids = list(out["input_ids"][0])
+    mask = list(out["assistant_masks"][0])
+    if last_turn_only:
+        mask = _keep_last_span(mask)
+    tokenizer = processor.tokenizer
+    start_id = tokenizer.convert_tokens_to_ids(processor.image_start_token)
+    end_id = tokenizer.convert_tokens_to_ids(processor.image_end_token)
+    cut = _truncation_point(ids, max_length, start_id, end_id)
+    ids, mask = ids[:cut], mask[:cut]
+    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    if not any(label != IGNORE_INDEX for label in labels):
+        raise SkipRow(TOO_LONG, f"{len(out['input_ids'][0])} tokens with images; --max-length is {max_length}")
+    example = {"input_ids": ids, "labels": labels}
+    pixel_values = out.get("pixel_values")
+    if pixel_values is not None:
+        n_images = ids.count(start_id) if processor.use_image_special_tokens else None
+        pixel_values = torch.as_tensor(pixel_values)
+        example["pixel_values"] = pixel_values[:n_images] if n_images is not None else pixel_values
+    return example
+
+
+class Collator:
+    """Pads a list of Examples (right padding) and concatenates their images in sample order."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[row, :n] = torch.as_tensor(example["input_ids"])
+            labels[row, :n] = torch.as_tensor(example["labels"])
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None and len(e["pixel_values"])]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        return batch

@@ -1,0 +1,96 @@
+"""`TrainConfig`: every option of `n2eye train`, settable from flags and from a YAML `--config`.
+
+Defaults are the N2-Eye card's recipe: 1 epoch, per-device batch 2 x gradient accumulation 4, lr 2e-5, bf16,
+max length 2048, gradient checkpointing, vision frozen, projector + LM trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAIN_MODES = ("projector", "full", "lora")
+
+
+@dataclass
+class TrainConfig:
+    """Options of `n2eye train`."""
+
+    model: str
+    """Checkpoint folder to start from (made by `n2eye build` or an earlier `n2eye train`)."""
+    data: str
+    """Training data SPEC: a json/jsonl/parquet file, a folder (saved dataset, parquet files) or a hub dataset, with optional :split."""
+    out: str
+    """Run folder: checkpoints, metrics.jsonl, loss curve, skip report, final model in out/final."""
+    format: str = "auto"
+    """Data format: auto, cragmm, messages or llava."""
+    eval_data: str | None = None
+    """Held-out SPEC; its loss is logged every --eval-every steps."""
+    epochs: float = 1.0
+    """Passes over the training data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (overrides --epochs when > 0)."""
+    lr: float = 2e-5
+    """Peak learning rate (cosine schedule with warmup)."""
+    vision_lr: float | None = None
+    """Learning rate of the vision tower when --train-vision (default: --lr / 10)."""
+    batch_size: int = 2
+    """Conversations per device per step."""
+    grad_accum: int = 4
+    """Gradient accumulation steps."""
+    max_length: int = 2048
+    """Tokens per sample, image tokens included; longer samples are cut outside image blocks or skipped."""
+    train: str = "full"
+    """What trains: projector (projector only), full (projector + LM) or lora (LoRA on the LM + full projector)."""
+    train_vision: bool = False
+    """Also train the vision tower (at --vision-lr)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    merge: bool = False
+    """After a LoRA run, also write out/merged: the LoRA weights merged into a plain checkpoint."""
+    last_turn_only: bool = False
+    """Supervise only the last assistant turn of each conversation."""
+    eval_every: int = 0
+    """Evaluate held-out loss every N steps (0: only at the end, when --eval-data is given)."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    save_total_limit: int = 3
+    """Keep at most this many intermediate checkpoints."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in --out (optimizer, scheduler, RNG and data position)."""
+    bf16: bool = True
+    """bfloat16 mixed precision."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 42
+    """Seed for initialisation, shuffling and dropout."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps for linear warmup."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    logging_steps: int = 1
+    """Log loss/lr/throughput every N steps."""
+    report_to: str = "none"
+    """Trackers: none, tensorboard, wandb (when installed), or a comma-separated list."""
+    max_samples: int = 0
+    """Use only the first N usable conversations (0: all)."""
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"--train must be one of {list(TRAIN_MODES)}, got {self.train!r}.")
+        if self.format not in ("auto", "cragmm", "messages", "llava"):
+            raise ValueError(f"--format must be auto, cragmm, messages or llava, got {self.format!r}.")
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("Give --epochs > 0 or --max-steps > 0.")
+        if self.vision_lr is None:
+            self.vision_lr = self.lr / 10
+        if self.merge and self.train != "lora":
+            raise ValueError("--merge only applies to --train lora.")

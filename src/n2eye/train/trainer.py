@@ -1,0 +1,258 @@
+"""`n2eye train`: HF Trainer configured for N2-Eye, with atomic loadable checkpoints, metrics and a loss curve.
+
+One loop for every mode (projector / full / LoRA, optional vision training). Data: any SPEC the adapters read;
+bad rows and samples that can't fit are skipped, counted and reported, never fatal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
+from ..data.collate import Collator, encode_conversation
+from ..data.report import SkipReport, SkipRow
+from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
+from ..modeling.processing_n2eye import N2EyeProcessor
+from .config import TrainConfig
+from .modes import configure_trainable, count_trainable, merge_lora, parameter_groups
+
+STAGING = ".staging"
+
+
+def encode_dataset(
+    processor, spec: str, fmt: str, max_length: int, last_turn_only: bool, max_samples: int, report: SkipReport
+) -> list[dict]:
+    """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted)."""
+    from tqdm.auto import tqdm
+
+    from ..data.formats import load_conversations
+
+    examples = []
+    for conversation in tqdm(load_conversations(spec, fmt, report=report), desc=f"encoding {spec}", unit="conv"):
+        try:
+            examples.append(encode_conversation(processor, conversation, max_length, last_turn_only))
+        except SkipRow as skip:
+            report.add_kept(-1)  # the adapter counted it as kept; tokenization skipped it
+            report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
+            continue
+        if max_samples and len(examples) >= max_samples:
+            break
+    if not examples:
+        raise ValueError(f"No usable training sample in {spec}: {report.summary()}")
+    return examples
+
+
+class MetricsCallback(TrainerCallback):
+    """Appends every log (loss, lr, tokens/s, eval loss) to out/metrics.jsonl, so runs can be plotted and compared."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._last = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        if self._last is not None and now > self._last[0] and "loss" in logs:
+            record["tokens_per_s"] = (tokens - self._last[1]) / (now - self._last[0])
+        self._last = (now, tokens)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+class N2EyeTrainer(Trainer):
+    """Trainer with vision/LM learning-rate groups and atomic, self-contained checkpoints."""
+
+    def __init__(self, *args, lr_groups: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lr_groups = lr_groups
+        self._staging: Path | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = parameter_groups(model or self.model, **self._lr_groups)
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+        return self.optimizer
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            copy_modeling_files(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes checkpoint-N under out/.staging, then renames it into place: never a half checkpoint."""
+        run_dir = Path(self.args.output_dir)
+        self._staging = run_dir / STAGING
+        if self.args.should_save:
+            shutil.rmtree(self._staging, ignore_errors=True)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        if self.args.should_save:
+            name = f"checkpoint-{self.state.global_step}"
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)
+            (run_dir / STAGING / name).rename(final)
+            shutil.rmtree(run_dir / STAGING, ignore_errors=True)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+
+
+def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training (and held-out) loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    held_out = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="held-out loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_title("N2-Eye training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
+    report_to = [] if cfg.report_to in ("", "none") else cfg.report_to.split(",")
+    use_bf16 = cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    return TrainingArguments(
+        output_dir=cfg.out,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        bf16=use_bf16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval and cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        report_to=report_to,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Runs `n2eye train`; returns the folder of the final model (out/final, or out/merged for --merge)."""
+    out = Path(cfg.out)
+    check_writable(out / "final")
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    processor = N2EyeProcessor.from_pretrained(cfg.model)
+    model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
+    n_bytes = sum(p.numel() for p in model.parameters()) * 2  # a bf16-or-better copy per checkpoint
+    check_writable(out / "final", need_bytes=n_bytes)
+
+    report = SkipReport()
+    train_set = encode_dataset(processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report)
+    eval_report = SkipReport()
+    eval_set = (
+        encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
+        if cfg.eval_data
+        else None
+    )
+    print(f"train: {len(train_set)} conversations; {report.summary()}")
+
+    lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
+    model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
+    if cfg.gradient_checkpointing and cfg.train == "lora":
+        model.enable_input_require_grads()
+    trainable = count_trainable(model)
+    print("trainable parameters: " + ", ".join(f"{k} {v:,}" for k, v in trainable.items()))
+
+    metrics_path = out / "metrics.jsonl"
+    resume_from = get_last_checkpoint(str(out)) if cfg.resume and out.exists() else None
+    if cfg.resume and resume_from is None:
+        print(f"--resume: no complete checkpoint in {out}, starting from the beginning")
+    if resume_from is None and metrics_path.exists():
+        metrics_path.unlink()
+    trainer = N2EyeTrainer(
+        model=model,
+        args=training_arguments(cfg, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=Collator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[MetricsCallback(metrics_path), *(callbacks or [])],
+        lr_groups={"lr": cfg.lr, "vision_lr": cfg.vision_lr, "weight_decay": cfg.weight_decay},
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    if eval_set is not None:
+        trainer.log(trainer.evaluate())
+
+    final_model = trainer.model
+    summary = {
+        "config": dataclasses.asdict(cfg),
+        "train_samples": len(train_set),
+        "skipped": report.to_dict(),
+        "eval_skipped": eval_report.to_dict() if eval_set is not None else None,
+        "trainable_parameters": trainable,
+        "global_step": trainer.state.global_step,
+        "final_train_loss": next(
+            (h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), math.nan
+        ),
+    }
+    (out / "skipped.json").write_text(json.dumps(summary["skipped"], indent=2) + "\n")
+    target = out / "final"
+    if cfg.train == "lora":
+        final_model.save_pretrained(out / "adapter")
+        processor.save_pretrained(out / "adapter")
+        if cfg.merge:
+            target = out / "merged"
+            final_model = merge_lora(final_model)
+        else:
+            target = out / "adapter"
+    if cfg.train != "lora" or cfg.merge:
+        save_checkpoint(final_model, processor, target, generation_config=final_model.generation_config)
+    png = plot_loss_curve(metrics_path, out / "loss_curve.png")
+    summary["loss_curve"] = str(png) if png else None
+    summary["model"] = str(target)
+    (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"model: {target}\nloss curve: {png}\nskipped rows: {report.summary()}")
+    return target
