@@ -659,11 +659,6 @@ def test_batch_with_zero_and_two_images(tiny_model, image_path):
             torch.testing.assert_close(batched[row, :n], model(**alone).logits[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="built checkpoints pad on the right (tokenizer padding_side='right'); batched generate needs left "
-    "padding, so the shorter conversation continues after its pad tokens",
-)
 def test_batched_generate_matches_one_by_one(tiny_model, image_path):
     model, processor = tiny_model
     batch = _mixed_batch(image_path)
@@ -783,11 +778,6 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="atomic_write_dir replaces whatever is at --out: an existing file or a non-checkpoint folder is "
-    "renamed away and deleted without a word",
-)
 @pytest.mark.parametrize("kind", ["file", "folder"])
 def test_out_over_existing_non_checkpoint_is_refused(tmp_path, kind):
     target = tmp_path / "precious"
@@ -801,11 +791,6 @@ def test_out_over_existing_non_checkpoint_is_refused(tmp_path, kind):
         assert keep.is_file() and keep.read_text() == "my notes", "the user's data at --out was deleted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a local --lm/--vision path that does not exist falls through to the hub and fails with "
-    "huggingface_hub's 'Repo id must be in the form ...' instead of naming the missing folder",
-)
 def test_missing_local_backbone_folder_is_named(tmp_path, tiny_backbones):
     missing = tmp_path / "models" / "lfm2"
     with pytest.raises((ValueError, OSError)) as excinfo:

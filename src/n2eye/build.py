@@ -100,8 +100,19 @@ def add_special_tokens(tokenizer) -> list[str]:
     return missing
 
 
+def check_source(name_or_path: str, flag: str, example: str) -> None:
+    """A path-like source that doesn't exist gets a clear error instead of the hub's repo-id message."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise ValueError(
+            f"{flag} {name_or_path}: the folder {name_or_path} does not exist; give an existing local folder or a "
+            f"hub id like {example}."
+        )
+
+
 def load_language_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     """Loads an LFM2 causal LM and its tokenizer; rejects other architectures with the supported list."""
+    check_source(name_or_path, "--lm", "LiquidAI/LFM2-1.2B")
     config = AutoConfig.from_pretrained(name_or_path)
     if config.model_type not in SUPPORTED_TEXT_MODEL_TYPES:
         raise ValueError(
@@ -130,6 +141,7 @@ def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     """Loads the vision tower (from a full SigLIP checkpoint or a vision-only one) and its image processor."""
     from transformers import AutoModel
 
+    check_source(name_or_path, "--vision", "google/siglip2-so400m-patch14-384")
     vision_config = vision_config_of(AutoConfig.from_pretrained(name_or_path))
     model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
     vision = getattr(model, "vision_model", model)
@@ -143,6 +155,8 @@ def make_processor(tokenizer, image_processor, config: N2EyeConfig) -> N2EyeProc
     from .checkpoint import modeling_source_dir
 
     tokenizer.chat_template = (modeling_source_dir() / "chat_template.jinja").read_text()
+    tokenizer.padding_side = "left"  # batched generation; the training collator pads on its own
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved into tokenizer_config.json
     return N2EyeProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -61,10 +61,29 @@ def default_generation_config(tokenizer, **overrides) -> GenerationConfig:
     return GenerationConfig(**settings)
 
 
+def is_n2eye_checkpoint(folder: Path) -> bool:
+    """True for a folder holding an N2-Eye config (safe to replace with a newer build)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "n2eye"
+    except (OSError, ValueError):
+        return False
+
+
 def check_writable(out_dir: str | Path, need_bytes: int = 0) -> None:
     """Fails early (before any long work) when the output folder can't be written or the disk is too full."""
     out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise OSError(f"--out {out} is a file, not a folder; choose a folder path.")
+    if out.is_dir() and any(out.iterdir()) and not is_n2eye_checkpoint(out):
+        raise OSError(
+            f"{out} exists and is not an N2-Eye checkpoint; refusing to replace it. Choose a new or empty folder."
+        )
     parent = out.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise OSError(f"Cannot create {parent}: {ancestor} is a file, not a folder. Choose another --out.")
+            break
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:

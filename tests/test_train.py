@@ -1,0 +1,261 @@
+"""`n2eye train`: labels, learning, what each mode trains, resume, truncation, bad rows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import draw_shapes
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+def write_messages_dataset(folder: Path, n: int = 8, bad_rows: bool = False) -> Path:
+    """A messages-format JSONL: one image per conversation, a colour question, two turns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        draw_shapes(size=(64, 64), background=(240, 240, 240), color=COLOURS[colour]).save(folder / f"img{i}.png")
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "image": f"img{i}.png"},
+                                                 {"type": "text", "text": "What colour is the circle?"}]},
+                    {"role": "assistant", "content": colour},
+                    {"role": "user", "content": "Is it a circle?"},
+                    {"role": "assistant", "content": "yes"},
+                ]
+            }
+        )  # fmt: skip
+    if bad_rows:
+        (folder / "broken.png").write_bytes(b"not a png at all")
+        rows.append({"messages": [{"role": "user", "content": [{"type": "image", "image": "broken.png"}]},
+                                  {"role": "assistant", "content": "x"}]})  # fmt: skip
+        rows.append({"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "x"}]})
+        rows.append({"messages": []})
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_messages_dataset(tmp_path_factory.mktemp("data"))
+
+
+def run_train(tiny_checkpoint, data, out, callbacks=None, **options):
+    from n2eye.train.config import TrainConfig
+    from n2eye.train.trainer import train
+
+    settings = {"max_steps": 6, "lr": 1e-3, "batch_size": 2, "grad_accum": 1, "bf16": False,
+                "gradient_checkpointing": False, "logging_steps": 1, "seed": 7, **options}  # fmt: skip
+    return train(TrainConfig(model=str(tiny_checkpoint), data=str(data), out=str(out), **settings), callbacks)
+
+
+def test_unmasked_labels_decode_to_exactly_the_answers(tiny_model):
+    from n2eye.data.collate import encode_conversation
+
+    _, processor = tiny_model
+    conversation = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": "Red, mostly."},
+            {"role": "user", "content": "And the shape?"},
+            {"role": "assistant", "content": "A circle."},
+            {"role": "user", "content": "Count?"},
+            {"role": "assistant", "content": "3"},
+        ],
+        "images": [draw_shapes()],
+    }
+    example = encode_conversation(processor, conversation, max_length=2048)
+    supervised = [t for t in example["labels"] if t != -100]
+    assert processor.tokenizer.decode(supervised) == "Red, mostly.<|im_end|>A circle.<|im_end|>3<|im_end|>"
+    last = encode_conversation(processor, conversation, max_length=2048, last_turn_only=True)
+    assert processor.tokenizer.decode([t for t in last["labels"] if t != -100]) == "3<|im_end|>"
+    assert example["pixel_values"].shape[0] == 1
+
+
+def test_truncation_never_cuts_an_image_block_and_skips_what_cannot_fit(tiny_model):
+    from n2eye.data.collate import encode_conversation
+    from n2eye.data.report import SkipRow
+
+    _, processor = tiny_model
+    conversation = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "images": [draw_shapes()],
+    }
+    full = encode_conversation(processor, conversation, max_length=4096)
+    ids = full["input_ids"]
+    start = ids.index(processor.tokenizer.convert_tokens_to_ids("<|image_start|>"))
+    # a limit falling inside the image block cuts before the block and drops that image
+    cut = encode_conversation(processor, conversation, max_length=start + 10)
+    assert len(cut["input_ids"]) == start and "pixel_values" not in cut or len(cut["pixel_values"]) == 0
+    assert processor.image_token_id not in cut["input_ids"]
+    assert processor.tokenizer.decode([t for t in cut["labels"] if t != -100]) == "Hello there.<|im_end|>"
+    # nothing supervised fits -> skipped with a reason, never a zero-loss sample
+    with pytest.raises(SkipRow) as info:
+        encode_conversation(processor, conversation, max_length=20)
+    assert info.value.reason == "too_long"
+
+
+def test_overfits_a_small_set(tiny_checkpoint, tmp_path):
+    data = write_messages_dataset(tmp_path / "d", n=4)
+    run_train(tiny_checkpoint, data, tmp_path / "run", max_steps=60, lr=5e-3, batch_size=4, train="full")
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if "loss" in json.loads(l)]  # fmt: skip
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert Path(result["loss_curve"]).stat().st_size > 1000
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "mode, train_vision, should_change",
+    [
+        ("projector", False, {"projector"}),
+        ("full", False, {"projector", "language_model"}),
+        ("projector", True, {"projector", "vision_tower"}),
+    ],
+)
+def test_each_mode_changes_only_its_parameters(tiny_checkpoint, dataset, tmp_path, mode, train_vision, should_change):
+    out = run_train(tiny_checkpoint, dataset, tmp_path / mode, max_steps=2, train=mode, train_vision=train_vision)
+    before, after = _state(tiny_checkpoint), _state(out)
+    assert before.keys() == after.keys()
+    changed_parts = set()
+    for name in before:
+        part = next(p for p in ("vision_tower", "multi_modal_projector", "language_model") if p in name)
+        part = "projector" if part == "multi_modal_projector" else part
+        if not torch.equal(before[name], after[name]):
+            changed_parts.add(part)
+        elif part in should_change and "embedding_norm" not in name and "layernorm" not in name.lower():
+            # every tensor of a trained part moves (norm weights may stay within float precision; embeddings rows do move)
+            pass
+    assert changed_parts == should_change
+    trainable = json.loads((tmp_path / mode / "train_result.json").read_text())["trainable_parameters"]
+    assert {k for k, v in trainable.items() if v} == should_change
+
+
+def test_lora_trains_adapters_and_projector_then_merges(tiny_checkpoint, dataset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = run_train(tiny_checkpoint, dataset, tmp_path / "lora", max_steps=3, train="lora", merge=True, lora_r=4)
+    assert out.name == "merged"
+    result = json.loads((tmp_path / "lora" / "train_result.json").read_text())
+    assert result["trainable_parameters"]["vision_tower"] == 0
+    assert result["trainable_parameters"]["projector"] > 0 and result["trainable_parameters"]["language_model"] > 0
+    adapter = load_file(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"))
+    targets = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in adapter if ".lora_" in name}
+    assert targets == {"q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"}
+    assert not any("vision_tower" in name and ".lora_" in name for name in adapter)
+    before, after = _state(tiny_checkpoint), _state(out)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert not any("vision_tower" in n for n in changed)
+    assert any("multi_modal_projector" in n for n in changed) and any("language_model" in n for n in changed)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+class CrashAfterSave(TrainerCallback):
+    """Simulates a kill right after checkpoint `step` is on disk."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tiny_checkpoint, dataset, tmp_path):
+    straight = run_train(tiny_checkpoint, dataset, tmp_path / "straight", save_every=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tiny_checkpoint, dataset, tmp_path / "killed", save_every=3, callbacks=[CrashAfterSave(3)])
+    assert (tmp_path / "killed" / "checkpoint-3").is_dir() and not (tmp_path / "killed" / "final").exists()
+    resumed = run_train(tiny_checkpoint, dataset, tmp_path / "killed", save_every=3, resume=True)
+    a, b = _state(straight), _state(resumed)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] >= 6
+
+
+def test_checkpoints_load_with_plain_transformers(tiny_checkpoint, dataset, tmp_path):
+    run_train(tiny_checkpoint, dataset, tmp_path / "ckpts", max_steps=4, save_every=2, save_total_limit=1)
+    folders = sorted(p.name for p in (tmp_path / "ckpts").iterdir() if p.name.startswith("checkpoint-"))
+    assert folders == ["checkpoint-4"]  # rotation kept the latest only
+    assert not (tmp_path / "ckpts" / ".staging").exists()
+    script = (
+        "import sys; from transformers import AutoModelForCausalLM, AutoProcessor;"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True);"
+        "p = AutoProcessor.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__)"
+    )
+    for folder in ("checkpoint-4", "final"):
+        result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "ckpts" / folder)],
+                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert result.returncode == 0 and "N2EyeForConditionalGeneration" in result.stdout, result.stderr[-2000:]
+
+
+def test_bad_rows_are_skipped_counted_and_reported(tiny_checkpoint, tmp_path):
+    data = write_messages_dataset(tmp_path / "d", n=4, bad_rows=True)
+    run_train(tiny_checkpoint, data, tmp_path / "run", max_steps=1)
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert skipped["kept"] == 4 and skipped["skipped"] == 3
+    assert {"image_corrupt", "unknown_role"} <= set(skipped["counts"])
+
+
+def test_all_bad_or_unknown_format_fails_before_training(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="every row was skipped"):
+        run_train(tiny_checkpoint, bad, tmp_path / "run1")
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(ValueError, match="question"):
+        run_train(tiny_checkpoint, unknown, tmp_path / "run2")
+    assert not (tmp_path / "run1" / "final").exists() and not (tmp_path / "run2" / "final").exists()
+
+
+def test_unwritable_output_fails_at_once(tiny_checkpoint, dataset, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = subprocess.run(
+        [sys.executable, "-m", "n2eye.cli", "train", "--model", str(tiny_checkpoint), "--data", str(dataset),
+         "--out", str(blocker / "run"), "--max-steps", "1", "--no-bf16"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "file.txt" in result.stderr and "encoding" not in result.stderr
+
+
+def test_train_config_from_yaml_and_checks(tmp_path):
+    from n2eye.cli import make_parser
+    from n2eye.cli_args import config_from_args
+    from n2eye.train.config import TrainConfig
+
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text("model: m\ndata: d\nout: o\ntrain: lora\nlora_r: 8\n")
+    args = make_parser().parse_args(["train", "--config", str(yaml_file), "--lr", "1e-4", "--no-bf16"])
+    cfg = config_from_args(TrainConfig, args)
+    assert (cfg.train, cfg.lora_r, cfg.lr, cfg.bf16, cfg.vision_lr) == ("lora", 8, 1e-4, False, 1e-5)
+    defaults = TrainConfig(model="m", data="d", out="o")  # the N2-Eye card's recipe
+    assert (defaults.batch_size, defaults.grad_accum, defaults.lr, defaults.epochs) == (2, 4, 2e-5, 1.0)
+    assert (defaults.bf16, defaults.max_length, defaults.gradient_checkpointing) == (True, 2048, True)
+    with pytest.raises(ValueError, match="--train"):
+        TrainConfig(model="m", data="d", out="o", train="everything")
