@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -37,6 +38,14 @@ def test_main_command_and_python_example(tmp_path):
     for step in steps:
         result = subprocess.run(n2eye + shlex.split(step)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, (step, result.stderr[-2000:])
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    train = block_after("train-command")
+    result = subprocess.run(n2eye + shlex.split(train)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "colours"
+    assert (run / "final" / "model.safetensors").exists() and (run / "loss_curve.png").exists()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0] / 2, losses
     script = tmp_path / "example.py"
     script.write_text(block_after("python-example"))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -256,3 +256,32 @@ def test_train_config_from_yaml_and_checks(tmp_path):
     assert (defaults.bf16, defaults.max_length, defaults.gradient_checkpointing) == (True, 2048, True)
     with pytest.raises(ValueError, match="--train"):
         TrainConfig(model="m", data="d", out="o", train="everything")
+
+
+class CountVisionCalls(TrainerCallback):
+    """Counts vision-tower forwards during training (after any feature-cache precompute)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from n2eye.train.modes import base
+
+        base(model).vision_tower.register_forward_hook(lambda *a: setattr(self, "calls", self.calls + 1))
+
+
+def _losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_feature_cache_skips_the_vision_tower_with_the_same_loss(tiny_checkpoint, dataset, tmp_path, capsys):
+    plain, cached = CountVisionCalls(), CountVisionCalls()
+    options = {"max_steps": 8, "epochs": 2, "feature_cache_dir": str(tmp_path / "features")}
+    run_train(tiny_checkpoint, dataset, tmp_path / "plain", callbacks=[plain], feature_cache=False, **options)
+    run_train(tiny_checkpoint, dataset, tmp_path / "cached", callbacks=[cached], feature_cache=True, **options)
+    assert plain.calls == 8 and cached.calls == 0  # 8 images over 2 epochs: the cache needs none
+    torch.testing.assert_close(torch.tensor(_losses(tmp_path / "cached")), torch.tensor(_losses(tmp_path / "plain")))
+    assert "4 reused, 4 computed" in capsys.readouterr().out  # 4 distinct pictures among the 8 rows
+    run_train(tiny_checkpoint, dataset, tmp_path / "again", feature_cache=True, **options)
+    assert "8 reused, 0 computed" in capsys.readouterr().out

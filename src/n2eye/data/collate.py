@@ -119,4 +119,7 @@ class Collator:
         pixels = [e["pixel_values"] for e in examples if e.get("pixel_values") is not None and len(e["pixel_values"])]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels, dim=0)
+        grids = [g for e in examples for g in e.get("vision_features") or []]
+        if grids:  # from the frozen-vision feature cache
+            batch["vision_features"] = grids
         return batch

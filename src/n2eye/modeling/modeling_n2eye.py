@@ -190,17 +190,22 @@ class N2EyeModel(N2EyePreTrainedModel):
         use_cache: bool | None = None,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
-        image_features: list[torch.Tensor] | None = None,
+        vision_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> N2EyeModelOutputWithPast:
+        """`vision_features`: precomputed vision-tower grids (one (h, w, c) tensor per image, e.g. from a feature
+        cache) used instead of `pixel_values`; the projector still runs, so it can train."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("Pass either pixel_values or precomputed image_features, not both.")
+        if pixel_values is not None and vision_features is not None:
+            raise ValueError("Pass either pixel_values or precomputed vision_features, not both.")
+        image_features = None
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             n_image_tokens = int((input_ids == self.config.image_token_id).sum())
-            if image_features is None and pixel_values is not None:
+            if vision_features is not None:
+                image_features = self.project_grids(list(vision_features))
+            elif pixel_values is not None:
                 image_features = self.get_image_features(pixel_values, spatial_shapes, pixel_attention_mask)
             if image_features is not None:
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
@@ -265,6 +270,13 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values, spatial_shapes=None, pixel_attention_mask=None) -> list[torch.Tensor]:
         return self.model.get_image_features(pixel_values, spatial_shapes, pixel_attention_mask)
 
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """Like pixel_values, precomputed vision_features only go in on the prefill step when caching."""
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("vision_features", None)
+        return inputs
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -278,7 +290,7 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
-        image_features: list[torch.Tensor] | None = None,
+        vision_features: list[torch.Tensor] | None = None,
         **kwargs,
     ) -> N2EyeCausalLMOutputWithPast:
         outputs = self.model(
@@ -291,7 +303,7 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             spatial_shapes=spatial_shapes,
             pixel_attention_mask=pixel_attention_mask,
-            image_features=image_features,
+            vision_features=vision_features,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

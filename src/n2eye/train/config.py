@@ -75,6 +75,10 @@ class TrainConfig:
     """Log loss/lr/throughput every N steps."""
     report_to: str = "none"
     """Trackers: none, tensorboard, wandb (when installed), or a comma-separated list."""
+    feature_cache: bool = True
+    """Compute frozen vision features once per image and reuse them from disk (off with --train-vision)."""
+    feature_cache_dir: str | None = None
+    """Where the feature cache lives (default: $N2EYE_CACHE/features, i.e. ~/.cache/n2eye/features)."""
     max_samples: int = 0
     """Use only the first N usable conversations (0: all)."""
 

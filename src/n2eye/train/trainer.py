@@ -51,6 +51,21 @@ def encode_dataset(
     return examples
 
 
+def attach_cached_features(model, examples: list[dict], cache_dir: str | None) -> None:
+    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new)."""
+    from tqdm.auto import tqdm
+
+    from ..build import cache_dir as default_cache_dir
+    from .feature_cache import VisionFeatureCache
+
+    cache = VisionFeatureCache(model, cache_dir or default_cache_dir() / "features")
+    for example in tqdm(examples, desc="vision feature cache", unit="conv"):
+        pixels = example.pop("pixel_values", None)
+        if pixels is not None and len(pixels):
+            example["vision_features"] = cache.grids(pixels)
+    print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed")
+
+
 class MetricsCallback(TrainerCallback):
     """Appends every log (loss, lr, tokens/s, eval loss) to out/metrics.jsonl, so runs can be plotted and compared."""
 
@@ -198,6 +213,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         else None
     )
     print(f"train: {len(train_set)} conversations; {report.summary()}")
+    if cfg.feature_cache and not cfg.train_vision:
+        attach_cached_features(model, train_set + (eval_set or []), cfg.feature_cache_dir)
 
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
     model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
