@@ -179,6 +179,16 @@ class N2EyeModel(N2EyePreTrainedModel):
         feats = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), feats)
 
+    def packed_masks(self, allowed: torch.Tensor, token_mask: torch.Tensor | None) -> dict:
+        """Per-layer-type masks for packed samples: the block-diagonal (batch, 1, q, k) mask for attention
+        (boolean for SDPA/flex, additive for eager) and the 2D token mask that zeroes gaps before each conv."""
+        if self.config.text_config._attn_implementation == "eager":
+            dtype = self.language_model.dtype
+            allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        return {"full_attention": allowed, "conv": token_mask}
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -191,6 +201,7 @@ class N2EyeModel(N2EyePreTrainedModel):
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        packed_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> N2EyeModelOutputWithPast:
         """`vision_features`: precomputed vision-tower grids (one (h, w, c) tensor per image, e.g. from a feature
@@ -215,6 +226,8 @@ class N2EyeModel(N2EyePreTrainedModel):
                     "inputs with the processor (AutoProcessor / N2EyeProcessor.apply_chat_template with the images), "
                     "not the tokenizer alone, and pass pixel_values to the model."
                 )
+        if packed_attention_mask is not None:
+            attention_mask = self.packed_masks(packed_attention_mask, attention_mask)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -291,6 +304,7 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
         vision_features: list[torch.Tensor] | None = None,
+        packed_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> N2EyeCausalLMOutputWithPast:
         outputs = self.model(
@@ -304,6 +318,7 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
             spatial_shapes=spatial_shapes,
             pixel_attention_mask=pixel_attention_mask,
             vision_features=vision_features,
+            packed_attention_mask=packed_attention_mask,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -75,6 +75,9 @@ class TrainConfig:
     """Log loss/lr/throughput every N steps."""
     report_to: str = "none"
     """Trackers: none, tensorboard, wandb (when installed), or a comma-separated list."""
+    pack: bool = False
+    """Pack several conversations into each --max-length row; no token sees another sample (block-diagonal
+    attention, restarted positions, conv state reset). --batch-size then counts packed rows."""
     feature_cache: bool = True
     """Compute frozen vision features once per image and reuse them from disk (off with --train-vision)."""
     feature_cache_dir: str | None = None

@@ -19,6 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
 from ..data.collate import Collator, encode_conversation
+from ..data.packing import PackedCollator, pack_examples
 from ..data.report import SkipReport, SkipRow
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.processing_n2eye import N2EyeProcessor
@@ -216,6 +217,14 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     if cfg.feature_cache and not cfg.train_vision:
         attach_cached_features(model, train_set + (eval_set or []), cfg.feature_cache_dir)
 
+    collator = Collator(processor.tokenizer.pad_token_id)
+    n_conversations = len(train_set)
+    if cfg.pack:
+        train_set = pack_examples(train_set, cfg.max_length)
+        eval_set = pack_examples(eval_set, cfg.max_length) if eval_set else eval_set
+        collator = PackedCollator(processor.tokenizer.pad_token_id)
+        print(f"packing: {n_conversations} conversations in {len(train_set)} rows of <= {cfg.max_length} tokens")
+
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
     model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
     if cfg.gradient_checkpointing and cfg.train == "lora":
@@ -234,7 +243,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         args=training_arguments(cfg, eval_set is not None),
         train_dataset=train_set,
         eval_dataset=eval_set,
-        data_collator=Collator(processor.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=processor,
         callbacks=[MetricsCallback(metrics_path), *(callbacks or [])],
         lr_groups={"lr": cfg.lr, "vision_lr": cfg.vision_lr, "weight_decay": cfg.weight_decay},
@@ -246,7 +255,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     final_model = trainer.model
     summary = {
         "config": dataclasses.asdict(cfg),
-        "train_samples": len(train_set),
+        "train_conversations": n_conversations,
+        "train_rows": len(train_set),
         "skipped": report.to_dict(),
         "eval_skipped": eval_report.to_dict() if eval_set is not None else None,
         "trainable_parameters": trainable,

@@ -1,0 +1,97 @@
+"""Packing several conversations into one sequence, with no token seeing another sample.
+
+Isolation for LFM2's two kinds of layers:
+- attention: a block-diagonal causal mask (each sample attends only to itself) and positions restarting at 0;
+- short convolution (kernel 3): `GAP` masked positions between samples. LFM2 zeroes masked positions before
+  every conv, so a sample's first tokens see zeros, exactly like the zero padding at a sequence start.
+Image features keep their order because samples keep theirs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .collate import IGNORE_INDEX
+
+GAP = 2  # >= conv kernel size - 1 (LFM2's conv_L_cache is 3)
+
+
+def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Greedy first-fit of examples (in order) into bins of at most `max_length` tokens, gaps included."""
+    bins: list[list[dict[str, Any]]] = []
+    sizes: list[int] = []
+    for example in examples:
+        need = len(example["input_ids"])
+        for i, used in enumerate(sizes):
+            if used + GAP + need <= max_length:
+                bins[i].append(example)
+                sizes[i] = used + GAP + need
+                break
+        else:
+            bins.append([example])
+            sizes.append(need)
+    return [{"segments": b} for b in bins]
+
+
+class PackedCollator:
+    """Turns packed bins into one row each: input_ids, labels, position_ids, the 2D mask (0 at gaps and
+    padding, used by the conv layers and token counting) and the 4D block-diagonal `packed_attention_mask`."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def _row(self, segments: list[dict[str, Any]]):
+        ids, labels, positions, mask, segment_of = [], [], [], [], []
+        for index, example in enumerate(segments):
+            if index:
+                ids += [self.pad_token_id] * GAP
+                labels += [IGNORE_INDEX] * GAP
+                positions += list(range(GAP))
+                mask += [0] * GAP
+                segment_of += [-1] * GAP
+            n = len(example["input_ids"])
+            ids += list(example["input_ids"])
+            labels += list(example["labels"])
+            positions += list(range(n))
+            mask += [1] * n
+            segment_of += [index] * n
+        return ids, labels, positions, mask, segment_of
+
+    def __call__(self, bins: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [self._row(b["segments"]) for b in bins]
+        longest = max(len(r[0]) for r in rows)
+        batch_size = len(rows)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((batch_size, longest), dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        segment = torch.full((batch_size, longest), -2, dtype=torch.long)
+        for r, (ids, lab, pos, msk, seg) in enumerate(rows):
+            n = len(ids)
+            input_ids[r, :n] = torch.tensor(ids)
+            labels[r, :n] = torch.tensor(lab)
+            position_ids[r, :n] = torch.tensor(pos)
+            attention_mask[r, :n] = torch.tensor(msk)
+            segment[r, :n] = torch.tensor(seg)
+        causal = torch.ones(longest, longest, dtype=torch.bool).tril()
+        same = segment[:, :, None] == segment[:, None, :]
+        real = segment[:, :, None] >= 0
+        # real tokens: causal within their sample; gaps and padding attend to themselves only (outputs unused)
+        allowed = (same & real & causal) | torch.eye(longest, dtype=torch.bool)
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "attention_mask": attention_mask,
+            "packed_attention_mask": allowed[:, None, :, :],
+        }
+        pixels = [s["pixel_values"] for b in bins for s in b["segments"] if s.get("pixel_values") is not None]
+        pixels = [p for p in pixels if len(p)]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        grids = [g for b in bins for s in b["segments"] for g in s.get("vision_features") or []]
+        if grids:
+            batch["vision_features"] = grids
+        return batch
