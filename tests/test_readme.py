@@ -27,6 +27,14 @@ def test_ci_runs_the_readme_test_command():
     assert "test-command" in ci
 
 
+def test_accelerate_configs_parse():
+    import yaml
+
+    for name in ("fsdp.yaml", "deepspeed-zero2.yaml"):
+        config = yaml.safe_load((ROOT / "examples" / "accelerate" / name).read_text())
+        assert config["distributed_type"] in ("FSDP", "DEEPSPEED") and config["num_machines"] == 1
+
+
 def test_main_command_and_python_example(tmp_path):
     command = block_after("main-command")
     assert "torch==2.13.0" in command
@@ -46,6 +54,12 @@ def test_main_command_and_python_example(tmp_path):
     assert (run / "final" / "model.safetensors").exists() and (run / "loss_curve.png").exists()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses[-1] < losses[0] / 2, losses
+    ddp = shlex.split(block_after("ddp-command"))
+    assert ddp[:2] == ["accelerate", "launch"]
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *ddp[2:]], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs" / "ddp" / "final" / "model.safetensors").exists()
     script = tmp_path / "example.py"
     script.write_text(block_after("python-example"))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -200,7 +200,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     check_writable(out / "final")
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
-    processor = N2EyeProcessor.from_pretrained(cfg.model)
+    processor = N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True)
     model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
     n_bytes = sum(p.numel() for p in model.parameters()) * 2  # a bf16-or-better copy per checkpoint
     check_writable(out / "final", need_bytes=n_bytes)
@@ -253,6 +253,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         trainer.log(trainer.evaluate())
 
     final_model = trainer.model
+    target = out / ("adapter" if cfg.train == "lora" and not cfg.merge else "merged" if cfg.train == "lora" else "final")
+    if not trainer.is_world_process_zero():  # data parallel: rank 0 writes the results
+        return target
     summary = {
         "config": dataclasses.asdict(cfg),
         "train_conversations": n_conversations,
@@ -266,15 +269,11 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         ),
     }
     (out / "skipped.json").write_text(json.dumps(summary["skipped"], indent=2) + "\n")
-    target = out / "final"
     if cfg.train == "lora":
         final_model.save_pretrained(out / "adapter")
         processor.save_pretrained(out / "adapter")
         if cfg.merge:
-            target = out / "merged"
             final_model = merge_lora(final_model)
-        else:
-            target = out / "adapter"
     if cfg.train != "lora" or cfg.merge:
         save_checkpoint(final_model, processor, target, generation_config=final_model.generation_config)
     png = plot_loss_curve(metrics_path, out / "loss_curve.png")
