@@ -285,3 +285,20 @@ def test_feature_cache_skips_the_vision_tower_with_the_same_loss(tiny_checkpoint
     assert "4 reused, 4 computed" in capsys.readouterr().out  # 4 distinct pictures among the 8 rows
     run_train(tiny_checkpoint, dataset, tmp_path / "again", feature_cache=True, **options)
     assert "8 reused, 0 computed" in capsys.readouterr().out
+
+
+def test_held_out_loss_is_logged_every_n_steps(tiny_checkpoint, dataset, tmp_path):
+    run_train(tiny_checkpoint, dataset, tmp_path / "run", max_steps=4, eval_data=str(dataset), eval_every=2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    eval_steps = [r["step"] for r in records if "eval_loss" in r]
+    assert eval_steps[:2] == [2, 4] and all(r["eval_loss"] > 0 for r in records if "eval_loss" in r)
+
+
+def test_streaming_training_encodes_on_the_fly(tiny_checkpoint, tmp_path):
+    data = write_messages_dataset(tmp_path / "d", n=6, bad_rows=True)
+    out = run_train(tiny_checkpoint, data, tmp_path / "run", streaming=True, max_steps=4)
+    assert (out / "model.safetensors").exists()
+    skipped = json.loads((tmp_path / "run" / "skipped.json").read_text())
+    assert skipped["kept"] >= 6 and skipped["reasons"]["image_corrupt"] >= 1
+    with pytest.raises(ValueError, match="--max-steps"):
+        run_train(tiny_checkpoint, data, tmp_path / "run2", streaming=True, max_steps=-1)

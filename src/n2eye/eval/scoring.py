@@ -304,6 +304,8 @@ def _call_name_args(call: Any) -> tuple[str, dict[str, Any]]:
 def _predicted_calls(prediction: Any) -> list[tuple[str, dict[str, Any]]] | None:
     """Calls in a generation (text or already-parsed calls); None when they are malformed."""
     if not isinstance(prediction, str):
+        if isinstance(prediction, Mapping):  # a single call
+            prediction = [prediction]
         try:
             return [_call_name_args(call) for call in prediction or []]
         except (ValueError, TypeError):
@@ -369,7 +371,7 @@ def tool_call_score(prediction: Any, reference_calls: Any) -> dict[str, Any]:
     """Score predicted tool calls against reference OpenAI-style calls (arguments as dicts or JSON strings).
 
     ``prediction`` is generated text (parsed with ``parse_tool_calls``; a ``[f(x=1)]`` list whose special tokens were
-    stripped by decoding is accepted too) or a list of calls. Parallel calls are compared as a multiset, order-free.
+    stripped by decoding is accepted too) or already-parsed call(s). Parallel calls are compared order-free.
     ``name_match``: the predicted tool names equal the reference's. ``args_match``: names match and each reference
     call pairs with its own predicted call carrying all its arguments. Malformed calls score 0 with ``parsed`` False.
     An empty reference means "answer without a tool": predicting no call scores 1.

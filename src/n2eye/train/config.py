@@ -75,6 +75,8 @@ class TrainConfig:
     """Log loss/lr/throughput every N steps."""
     report_to: str = "none"
     """Trackers: none, tensorboard, wandb (when installed), or a comma-separated list."""
+    streaming: bool = False
+    """Stream the training data (encode on the fly) instead of loading it all; needs --max-steps."""
     pack: bool = False
     """Pack several conversations into each --max-length row; no token sees another sample (block-diagonal
     attention, restarted positions, conv state reset). --batch-size then counts packed rows."""
@@ -99,5 +101,9 @@ class TrainConfig:
             raise ValueError("Give --epochs > 0 or --max-steps > 0.")
         if self.vision_lr is None:
             self.vision_lr = self.lr / 10
+        if self.streaming and self.max_steps <= 0:
+            raise ValueError("--streaming needs --max-steps (a stream has no length to count epochs from).")
+        if self.streaming and self.pack:
+            raise ValueError("--pack needs the whole dataset; it can't be combined with --streaming yet.")
         if self.merge and self.train != "lora":
             raise ValueError("--merge only applies to --train lora.")

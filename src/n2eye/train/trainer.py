@@ -52,6 +52,31 @@ def encode_dataset(
     return examples
 
 
+class StreamingExamples(torch.utils.data.IterableDataset):
+    """Encodes conversations on the fly from a streaming source, for datasets too large to hold in memory.
+    Bad rows and samples that can't fit are skipped and counted as they come."""
+
+    def __init__(self, processor, cfg: TrainConfig, report: SkipReport, feature_cache=None):
+        self.processor, self.cfg, self.report, self.feature_cache = processor, cfg, report, feature_cache
+
+    def __iter__(self):
+        from ..data.formats import load_conversations
+
+        conversations = load_conversations(
+            self.cfg.data, self.cfg.format, streaming=True, report=self.report, check_all_bad=False
+        )
+        for conversation in conversations:
+            try:
+                example = encode_conversation(self.processor, conversation, self.cfg.max_length, self.cfg.last_turn_only)
+            except SkipRow as skip:
+                self.report.add_kept(-1)
+                self.report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
+                continue
+            if self.feature_cache is not None and example.get("pixel_values") is not None:
+                example["vision_features"] = self.feature_cache.grids(example.pop("pixel_values"))
+            yield example
+
+
 def attach_cached_features(model, examples: list[dict], cache_dir: str | None) -> None:
     """Replaces each example's pixel_values with cached vision-tower grids (computed now if new)."""
     from tqdm.auto import tqdm
@@ -191,6 +216,9 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
+        # batches hold per-image tensors (pixel_values, vision_features) whose first dim is not the batch size,
+        # so each process builds its own batches instead of having rank 0 slice them
+        accelerator_config={"dispatch_batches": False},
     )
 
 
@@ -206,19 +234,34 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     check_writable(out / "final", need_bytes=n_bytes)
 
     report = SkipReport()
-    train_set = encode_dataset(processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report)
+    if cfg.streaming:
+        from ..data.formats import load_conversations
+
+        load_conversations(cfg.data, cfg.format, streaming=True)  # checks the format before anything runs
+        cache = None
+        if cfg.feature_cache and not cfg.train_vision:
+            from ..build import cache_dir as default_cache_dir
+            from .feature_cache import VisionFeatureCache
+
+            cache = VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features")
+        train_set = StreamingExamples(processor, cfg, report, cache)
+    else:
+        train_set = encode_dataset(
+            processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report
+        )
     eval_report = SkipReport()
     eval_set = (
         encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
         if cfg.eval_data
         else None
     )
-    print(f"train: {len(train_set)} conversations; {report.summary()}")
-    if cfg.feature_cache and not cfg.train_vision:
-        attach_cached_features(model, train_set + (eval_set or []), cfg.feature_cache_dir)
+    if not cfg.streaming:
+        print(f"train: {len(train_set)} conversations; {report.summary()}")
+        if cfg.feature_cache and not cfg.train_vision:
+            attach_cached_features(model, train_set + (eval_set or []), cfg.feature_cache_dir)
 
     collator = Collator(processor.tokenizer.pad_token_id)
-    n_conversations = len(train_set)
+    n_conversations = None if cfg.streaming else len(train_set)
     if cfg.pack:
         train_set = pack_examples(train_set, cfg.max_length)
         eval_set = pack_examples(eval_set, cfg.max_length) if eval_set else eval_set
@@ -259,7 +302,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     summary = {
         "config": dataclasses.asdict(cfg),
         "train_conversations": n_conversations,
-        "train_rows": len(train_set),
+        "train_rows": None if cfg.streaming else len(train_set),
         "skipped": report.to_dict(),
         "eval_skipped": eval_report.to_dict() if eval_set is not None else None,
         "trainable_parameters": trainable,
