@@ -302,3 +302,16 @@ def test_streaming_training_encodes_on_the_fly(tiny_checkpoint, tmp_path):
     assert skipped["kept"] >= 6 and skipped["reasons"]["image_corrupt"] >= 1
     with pytest.raises(ValueError, match="--max-steps"):
         run_train(tiny_checkpoint, data, tmp_path / "run2", streaming=True, max_steps=-1)
+
+
+def test_n2eye_merge_equals_train_merge(tiny_checkpoint, dataset, tmp_path):
+    run_train(tiny_checkpoint, dataset, tmp_path / "lora", max_steps=2, train="lora", lora_r=4, merge=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "n2eye.cli", "merge", "--adapter", str(tmp_path / "lora" / "adapter"),
+         "--out", str(tmp_path / "merged-cli")], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = _state(tmp_path / "lora" / "merged"), _state(tmp_path / "merged-cli")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)

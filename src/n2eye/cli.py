@@ -47,6 +47,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .train.merge import MergeConfig, merge
+
+    print(f"Merged checkpoint: {merge(config_from_args(MergeConfig, args))}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .build import BuildConfig
     from .infer.generate import GenerateConfig
@@ -61,6 +68,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train on CRAG-MM or your own chat data (projector, full or LoRA)")
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+    from .train.merge import MergeConfig
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into a plain checkpoint")
+    add_dataclass_arguments(p, MergeConfig)
+    p.set_defaults(func=_cmd_merge)
     p = sub.add_parser("generate", help="answer one prompt about one image")
     add_dataclass_arguments(p, GenerateConfig)
     p.set_defaults(func=_cmd_generate)

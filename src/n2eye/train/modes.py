@@ -21,11 +21,19 @@ def configure_trainable(model, mode: str, train_vision: bool = False, lora: dict
         from peft import LoraConfig, get_peft_model
 
         options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, **(lora or {})}
-        config = LoraConfig(target_modules=LFM2_LORA_TARGETS, bias="none", task_type="CAUSAL_LM", **options)
+        # modules_to_save: the projector trains fully and is stored in the adapter, so adapter + base is complete
+        config = LoraConfig(
+            target_modules=LFM2_LORA_TARGETS,
+            modules_to_save=["multi_modal_projector"],
+            bias="none",
+            task_type="CAUSAL_LM",
+            **options,
+        )
         model = get_peft_model(model, config)
-    elif mode == "full":
-        base(model).language_model.requires_grad_(True)
-    base(model).multi_modal_projector.requires_grad_(True)
+    else:
+        if mode == "full":
+            base(model).language_model.requires_grad_(True)
+        base(model).multi_modal_projector.requires_grad_(True)
     base(model).vision_tower.requires_grad_(train_vision)
     return model
 

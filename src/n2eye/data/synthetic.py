@@ -1,0 +1,914 @@
+"""The "shapes world": a synthetic multi-turn VQA set that a tiny vision-language model learns on CPU.
+
+Why it exists: `n2eye demo` must show, in minutes and without downloads, that a model trained from scratch
+*sees*. So every answer here depends on the image, answers are short canonical words, and each question type
+is balanced so that a text-only guess stays at chance (`chance_levels`, `blind_baseline`).
+
+The world: a 96x96 image (by default) with a light, low-saturation plain background and 1-4 non-overlapping
+objects: a circle, square or triangle in red, green, blue or yellow, 18-34 px wide. Sessions are CRAG-MM-like
+(one image, 2-6 mixed turns) and are written in the CRAG-MM v0.1.2 layout (`write_cragmm`); two-image and
+tool-call sessions do not fit CRAG-MM and go to a `messages` JSONL file beside it (`write_messages`).
+
+Where the question type ends up after the adapters (`conversation_qtypes` reads both):
+* CRAG-MM parquet: `conversation["metadata"]["turns"][i]["query_category"]` (a ClassLabel whose names are
+  `QTYPES`), one per user turn;
+* messages JSONL: the adapter keeps only the row `id`, so the id is `"<session_id>:<qtype>"`
+  (`conversation["metadata"]["id"]`); the file also has a `metadata` column with the qtype, which the
+  adapter drops today.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+# ------------------------------------------------------------------------------------------- the world
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Saturated, far apart in hue: a tiny ViT separates them from a few pixels; names are one common word each.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (30, 160, 60),
+    "blue": (40, 90, 220),
+    "yellow": (235, 195, 20),
+}
+COLOURS: tuple[str, ...] = tuple(PALETTE)
+# Light and low-saturation, so no background can be mistaken for an object colour (or for blank grey 128).
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
+    (236, 236, 236),
+    (244, 238, 222),
+    (222, 232, 240),
+    (236, 226, 238),
+    (226, 238, 228),
+    (242, 230, 222),
+)
+OBJECT_JITTER = 12  # per-channel colour jitter of objects: variety without changing the colour's name
+BACKGROUND_JITTER = 6
+MIN_OBJECTS, MAX_OBJECTS = 1, 4
+SIZE_RANGE = (0.19, 0.36)  # object side as a fraction of the image side: 18-34 px at 96 px
+GAP = 4  # minimum free pixels between two objects' boxes, so patches rarely mix two objects
+SNAP = 2  # positions and sizes on a 2 px grid: fewer distinct box coordinates to learn
+SIDE_MARGIN = 0.12  # "left"/"right" (and top/bottom) only when the centre is this far from the middle
+BIGGER_RATIO = 1.3  # "which is bigger" only when both side and area differ by this factor
+AREA_FACTOR = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+QTYPES: tuple[str, ...] = (
+    "colour",
+    "shape",
+    "count",
+    "position",
+    "yes_no",
+    "comparison",
+    "grounding",
+    "two_image",
+    "tool_call",
+)
+CRAGMM_QTYPES: tuple[str, ...] = QTYPES[:7]
+EXTRA_QTYPES: tuple[str, ...] = ("two_image", "tool_call")
+DOMAIN_NAMES = ("shapes",)
+DYNAMISM_NAMES = ("static",)
+IMAGE_QUALITY_NAMES = ("clean",)
+
+GROUNDING_PROMPT = (
+    "Detect all instances of: {label}. Response must be a JSON array: "
+    '[{{"label": ..., "bbox": [x1, y1, x2, y2]}}, ...]. Coordinates are normalized to [0,1].'
+)
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {"item": {"type": "string", "description": "colour and shape, e.g. red circle"}},
+                "required": ["item"],
+            },
+        },
+    }
+    for name, description in (
+        ("lookup_price", "Look up the price of an item in the shop."),
+        ("add_to_cart", "Add an item to the shopping cart."),
+    )
+]
+TOOL_REQUESTS = {"lookup_price": "Look up the price of the {shape}.", "add_to_cart": "Add the {shape} to my cart."}
+
+# Session mix (make_sessions) and turn mix within a CRAG-MM session.
+TWO_IMAGE_FRACTION = 0.1
+TOOL_FRACTION = 0.1
+COUNT_PROBABILITY = 0.45  # a session opens with one counting question
+COUNT_OBJECTS_PROBABILITY = 0.3  # of those, "How many objects" (else "How many <shape>s")
+GROUNDING_PROBABILITY = 0.4  # a session ends with one grounding request
+MIDDLE_WEIGHTS = {"colour": 1.0, "shape": 1.0, "position": 1.0, "yes_no": 1.0, "comparison": 0.8}
+MIN_TURNS, MAX_TURNS = 2, 6
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One drawn object; `bbox` in pixels [x1, y1, x2, y2) and `bbox_norm` divided by the image side."""
+
+    shape: str
+    colour: str
+    size: int
+    bbox: tuple[int, int, int, int]
+    bbox_norm: tuple[float, float, float, float]
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return (self.bbox[0] + self.bbox[2]) / 2, (self.bbox[1] + self.bbox[3]) / 2
+
+    @property
+    def area(self) -> float:
+        return AREA_FACTOR[self.shape] * self.size * self.size
+
+
+@dataclass
+class Scene:
+    """An RGB image and the ground truth of what is drawn on it."""
+
+    image: Image.Image
+    objects: list[SceneObject]
+    size: int
+    background: tuple[int, int, int]
+
+    def count(self, shape: str | None = None, colour: str | None = None) -> int:
+        return len(self.find(shape, colour))
+
+    def find(self, shape: str | None = None, colour: str | None = None) -> list[SceneObject]:
+        return [o for o in self.objects if (shape is None or o.shape == shape) and (colour is None or o.colour == colour)]
+
+
+@dataclass
+class Turn:
+    """One user question and its canonical answer; tool turns also carry the expected call and its result."""
+
+    question: str
+    answer: str
+    qtype: str
+    tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": {"item": ...}}
+    tool_result: str | None = None
+
+
+@dataclass
+class Session:
+    """One conversation: `kind` is "cragmm" (one image), "two_image" or "tool_call"."""
+
+    session_id: str
+    kind: str
+    scenes: list[Scene]
+    turns: list[Turn]
+    tools: list[dict[str, Any]] | None = None
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [scene.image for scene in self.scenes]
+
+    @property
+    def qtype(self) -> str:
+        """The session's qtype for the extra (messages) kinds; CRAG-MM sessions mix qtypes per turn."""
+        return self.kind if self.kind in EXTRA_QTYPES else "mixed"
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+def _snap(value: float) -> int:
+    return int(round(value / SNAP)) * SNAP
+
+
+def _jitter(rng: random.Random, rgb: tuple[int, int, int], amount: int) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)  # type: ignore[return-value]
+
+
+def _place(rng: random.Random, sides: list[int], size: int) -> list[tuple[int, int]] | None:
+    """Top-left corners for boxes of `sides`, at least GAP apart and inside the image; None if stuck."""
+    corners: list[tuple[int, int]] = []
+    boxes: list[tuple[int, int, int, int]] = []
+    for side in sides:
+        high = size - side - 1
+        for _ in range(200):
+            x, y = _snap(rng.randint(1, high)), _snap(rng.randint(1, high))
+            x, y = min(max(x, 0), size - side), min(max(y, 0), size - side)
+            if all(x + side + GAP <= bx1 or bx2 + GAP <= x or y + side + GAP <= by1 or by2 + GAP <= y for bx1, by1, bx2, by2 in boxes):
+                corners.append((x, y))
+                boxes.append((x, y, x + side, y + side))
+                break
+        else:
+            return None
+    return corners
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], rgb: tuple[int, int, int]) -> None:
+    x1, y1, x2, y2 = box[0], box[1], box[2] - 1, box[3] - 1
+    if shape == "circle":
+        draw.ellipse((x1, y1, x2, y2), fill=rgb)
+    elif shape == "square":
+        draw.rectangle((x1, y1, x2, y2), fill=rgb)
+    else:
+        draw.polygon([(x1, y2), (x2, y2), ((x1 + x2) / 2, y1)], fill=rgb)
+
+
+def make_scene(
+    rng: random.Random,
+    size: int = 96,
+    *,
+    shapes: Sequence[str] | None = None,
+    colours: Sequence[str] | None = None,
+    n_objects: int | None = None,
+) -> Scene:
+    """A random scene; `shapes`/`colours` (one per object) or `n_objects` pin its contents, the rest is random."""
+    if shapes is not None:
+        n = len(shapes)
+    elif colours is not None:
+        n = len(colours)
+    else:
+        n = n_objects if n_objects is not None else rng.randint(MIN_OBJECTS, MAX_OBJECTS)
+    if not MIN_OBJECTS <= n <= MAX_OBJECTS:
+        raise ValueError(f"a scene holds {MIN_OBJECTS}-{MAX_OBJECTS} objects, got {n}")
+    shape_list = list(shapes) if shapes is not None else [rng.choice(SHAPES) for _ in range(n)]
+    colour_list = list(colours) if colours is not None else [rng.choice(COLOURS) for _ in range(n)]
+    low, high = _snap(SIZE_RANGE[0] * size), _snap(SIZE_RANGE[1] * size)
+    for _ in range(100):
+        sides = [rng.randrange(low, high + 1, SNAP) for _ in range(n)]
+        corners = _place(rng, sorted(sides, reverse=True), size)
+        if corners is not None:
+            break
+    else:  # pragma: no cover - only with a pathological size
+        raise RuntimeError(f"could not place {n} objects in a {size}px image")
+    sides = sorted(sides, reverse=True)
+    background = _jitter(rng, rng.choice(BACKGROUNDS), BACKGROUND_JITTER)
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for shape, colour, side, (x, y) in zip(shape_list, colour_list, sides, corners):
+        box = (x, y, x + side, y + side)
+        _draw(draw, shape, box, _jitter(rng, PALETTE[colour], OBJECT_JITTER))
+        norm = tuple(v / size for v in box)
+        objects.append(SceneObject(shape, colour, side, box, norm))  # type: ignore[arg-type]
+    return Scene(image=image, objects=objects, size=size, background=background)
+
+
+# ------------------------------------------------------------------------------------ question helpers
+
+
+def plural(shape: str) -> str:
+    return shape + "s"
+
+
+def grounding_question(shape: str) -> str:
+    return GROUNDING_PROMPT.format(label=shape)
+
+
+def grounding_answer(objects: Iterable[SceneObject]) -> str:
+    """Compact, stable JSON: sorted left to right (then top to bottom), two decimals always."""
+    items = sorted(objects, key=lambda o: (o.bbox[0], o.bbox[1]))
+    return "[" + ", ".join(
+        '{"label": "%s", "bbox": [%.2f, %.2f, %.2f, %.2f]}' % (o.shape, *o.bbox_norm) for o in items
+    ) + "]"
+
+
+def side_of(obj: SceneObject, axis: str, size: int) -> str | None:
+    """"left"/"right" (axis x) or "top"/"bottom" (axis y) when clearly off-centre, else None."""
+    centre = obj.center[0 if axis == "x" else 1]
+    offset = centre - size / 2
+    if abs(offset) < SIDE_MARGIN * size:
+        return None
+    if axis == "x":
+        return "left" if offset < 0 else "right"
+    return "top" if offset < 0 else "bottom"
+
+
+def bigger_of(a: SceneObject, b: SceneObject) -> SceneObject | None:
+    """The clearly bigger one (side and drawn area both BIGGER_RATIO larger), else None."""
+    for big, small in ((a, b), (b, a)):
+        if big.size >= BIGGER_RATIO * small.size and big.area >= BIGGER_RATIO * small.area:
+            return big
+    return None
+
+
+class _Balancer:
+    """Greedy answer balancing per qtype: among the answers a scene allows, take the least used so far."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, Counter[str]] = defaultdict(Counter)
+
+    def choose(self, rng: random.Random, key: str, classes: Iterable[str]) -> str:
+        options = sorted(set(classes))
+        counts = self.counts[key]
+        low = min(counts[c] for c in options)
+        choice = rng.choice([c for c in options if counts[c] == low])
+        counts[choice] += 1
+        return choice
+
+    def pick(self, rng: random.Random, key: str, candidates: list[_Candidate]) -> _Candidate:
+        cls = self.choose(rng, key, (c.cls for c in candidates))
+        return rng.choice([c for c in candidates if c.cls == cls])
+
+
+@dataclass
+class _Candidate:
+    """A possible turn plus what asking it tells a reader who cannot see the image (to avoid leaks)."""
+
+    turn: Turn
+    cls: str
+    pairs: dict[tuple[str, str], bool] = field(default_factory=dict)
+    shapes: tuple[str, ...] = ()  # shapes whose count becomes (partly) known
+    position: tuple[str, str, str] | None = None  # (colour, shape, axis)
+
+
+@dataclass
+class _Knowledge:
+    """What earlier turns of a session reveal; later turns whose answer would follow from it are not asked."""
+
+    pairs: dict[tuple[str, str], bool] = field(default_factory=dict)
+    counted: set[str] = field(default_factory=set)
+    positions: set[tuple[str, str, str]] = field(default_factory=set)
+    used: Counter[str] = field(default_factory=Counter)
+
+    def knows_shape(self, shape: str) -> bool:
+        return any(s == shape for _, s in self.pairs)
+
+    def knows_colour(self, colour: str) -> bool:
+        return any(c == colour for c, _ in self.pairs)
+
+    def learn(self, cand: _Candidate, kind: str) -> None:
+        self.pairs.update(cand.pairs)
+        self.counted.update(cand.shapes)
+        if cand.position:
+            self.positions.add(cand.position)
+        self.used[kind] += 1
+
+
+def _unique_pair(scene: Scene, obj: SceneObject) -> bool:
+    return scene.count(obj.shape, obj.colour) == 1
+
+
+def _colour_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    out = []
+    for shape in SHAPES:
+        found = scene.find(shape)
+        if len(found) != 1 or know.knows_shape(shape) or shape in know.counted:
+            continue
+        colour = found[0].colour
+        pairs = {(c, shape): c == colour for c in COLOURS}
+        out.append(_Candidate(Turn(f"What colour is the {shape}?", colour, "colour"), colour, pairs))
+    return out
+
+
+def _shape_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    out = []
+    for colour in COLOURS:
+        found = scene.find(colour=colour)
+        if len(found) != 1 or know.knows_colour(colour):
+            continue
+        shape = found[0].shape
+        pairs = {(colour, s): s == shape for s in SHAPES}
+        out.append(_Candidate(Turn(f"What shape is the {colour} object?", shape, "shape"), shape, pairs))
+    return out
+
+
+def _position_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    out = []
+    for obj in scene.objects:
+        if not _unique_pair(scene, obj):
+            continue
+        for axis, words in (("x", "on the left or the right"), ("y", "at the top or the bottom")):
+            answer = side_of(obj, axis, scene.size)
+            if answer is None or (obj.colour, obj.shape, axis) in know.positions:
+                continue
+            question = f"Is the {obj.colour} {obj.shape} {words}?"
+            out.append(
+                _Candidate(
+                    Turn(question, answer, "position"),
+                    answer,
+                    {(obj.colour, obj.shape): True},
+                    position=(obj.colour, obj.shape, axis),
+                )
+            )
+    return out
+
+
+def _yes_no_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    out = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            if (colour, shape) in know.pairs or shape in know.counted:
+                continue
+            answer = "yes" if scene.count(shape, colour) else "no"
+            question = f"Is there a {colour} {shape}?"
+            out.append(_Candidate(Turn(question, answer, "yes_no"), answer, {(colour, shape): answer == "yes"}))
+    return out
+
+
+def _comparison_candidates(scene: Scene, know: _Knowledge, allow_more: bool) -> list[_Candidate]:
+    out = []
+    if allow_more and not know.used["more"]:
+        for a in SHAPES:
+            for b in SHAPES:
+                ca, cb = scene.count(a), scene.count(b)
+                if a == b or ca == cb or a in know.counted or b in know.counted:
+                    continue
+                answer = "yes" if ca > cb else "no"
+                question = f"Are there more {plural(a)} than {plural(b)}?"
+                out.append(_Candidate(Turn(question, answer, "comparison"), answer, shapes=(a, b)))
+    if not know.used["bigger"]:
+        singles = [o for o in scene.objects if scene.count(colour=o.colour) == 1]
+        for a in singles:
+            for b in singles:
+                if a is b:
+                    continue
+                big = bigger_of(a, b)
+                if big is None:
+                    continue
+                question = f"Which is bigger, the {a.colour} object or the {b.colour} object?"
+                cls = "first" if big is a else "second"
+                out.append(_Candidate(Turn(question, big.colour, "comparison"), cls))
+    return out
+
+
+def _grounding_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    out = []
+    for shape in SHAPES:
+        found = scene.find(shape)
+        if not found or any(s == shape for _, s, _ in know.positions):
+            continue
+        out.append(_Candidate(Turn(grounding_question(shape), grounding_answer(found), "grounding"), shape))
+    return out
+
+
+def _count_plan(rng: random.Random, balancer: _Balancer) -> tuple[Turn, list[str]]:
+    """Answer first, then a scene to match: keeps 0..4 balanced for every count question text."""
+    if rng.random() < COUNT_OBJECTS_PROBABILITY:
+        question = "How many objects are there?"
+        k = int(balancer.choose(rng, question, "1234"))
+        shapes = [rng.choice(SHAPES) for _ in range(k)]
+    else:
+        shape = rng.choice(SHAPES)
+        question = f"How many {plural(shape)} are there?"
+        k = int(balancer.choose(rng, question, "01234"))
+        others = [s for s in SHAPES if s != shape]
+        n = rng.randint(max(k, MIN_OBJECTS), MAX_OBJECTS)
+        shapes = [shape] * k + [rng.choice(others) for _ in range(n - k)]
+        rng.shuffle(shapes)
+    return Turn(question, str(k), "count"), shapes
+
+
+def _cragmm_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
+    """One image, 2-6 turns: optional count first, mixed middle turns, optional grounding last."""
+    while True:
+        know = _Knowledge()
+        turns: list[Turn] = []
+        counted_shapes: tuple[str, ...] = ()
+        if rng.random() < COUNT_PROBABILITY:
+            count_turn, shapes = _count_plan(rng, balancer)
+            scene = make_scene(rng, size, shapes=shapes)
+            turns.append(count_turn)
+            counted_shapes = SHAPES if "objects" in count_turn.question else tuple(s for s in SHAPES if plural(s) in count_turn.question)
+            know.counted.update(counted_shapes)
+            know.used["count"] += 1
+        else:
+            scene = make_scene(rng, size)
+        target = rng.randint(MIN_TURNS, MAX_TURNS)
+        ground = rng.random() < GROUNDING_PROBABILITY
+        middle = target - len(turns) - int(ground)
+        for _ in range(middle):
+            options = {
+                "colour": _colour_candidates(scene, know),
+                "shape": _shape_candidates(scene, know),
+                "position": _position_candidates(scene, know),
+                "yes_no": _yes_no_candidates(scene, know),
+                "comparison": _comparison_candidates(scene, know, allow_more=not know.used["count"]),
+            }
+            options = {k: v for k, v in options.items() if v}
+            if not options:
+                break
+            names = list(options)
+            qtype = rng.choices(names, weights=[MIDDLE_WEIGHTS[n] for n in names])[0]
+            cand = balancer.pick(rng, qtype, options[qtype])
+            kind = qtype
+            if qtype == "comparison":
+                kind = "more" if cand.cls in ("yes", "no") else "bigger"
+            know.learn(cand, kind)
+            turns.append(cand.turn)
+        if ground or len(turns) < MIN_TURNS:
+            grounding = _grounding_candidates(scene, know)
+            if grounding:
+                turns.append(balancer.pick(rng, "grounding", grounding).turn)
+        if MIN_TURNS <= len(turns) <= MAX_TURNS:
+            return Session(session_id, "cragmm", [scene], turns)
+
+
+def _two_image_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
+    """Two scenes, 1-2 turns; the image order is chosen so "first"/"second" stays balanced."""
+    while True:
+        a, b = make_scene(rng, size), make_scene(rng, size)
+        options: list[tuple[str, str | None]] = [(f"Which image has more {plural(s)}?", s) for s in SHAPES if a.count(s) != b.count(s)]
+        if len(a.objects) != len(b.objects):
+            options.append(("Which image has more objects?", None))
+        if options:
+            break
+    question, shape = rng.choice(options)
+
+    def more(x: Scene, y: Scene) -> bool:
+        return (x.count(shape) if shape else len(x.objects)) > (y.count(shape) if shape else len(y.objects))
+
+    want = balancer.choose(rng, "two_image", ("first", "second"))
+    if (want == "first") != more(a, b):
+        a, b = b, a
+    turns = [Turn(question, want, "two_image")]
+    if rng.random() < 0.5:
+        pairs = [
+            (c, s)
+            for c in COLOURS
+            for s in SHAPES
+            if s != shape and shape is not None and bool(a.count(s, c)) != bool(b.count(s, c))
+        ]
+        if pairs:
+            c, s = rng.choice(pairs)
+            answer = "first" if a.count(s, c) else "second"
+            balancer.counts["two_image"][answer] += 1
+            turns.append(Turn(f"Which image has a {c} {s}?", answer, "two_image"))
+    return Session(session_id, "two_image", [a, b], turns)
+
+
+def _tool_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
+    """A tool request naming only the shape; the call's argument needs the colour from the image."""
+    while True:
+        scene = make_scene(rng, size)
+        singles = [o for o in scene.objects if scene.count(o.shape) == 1]
+        if singles:
+            break
+    turns: list[Turn] = []
+    for _ in range(rng.randint(1, 2)):
+        if not singles:
+            break
+        colour = balancer.choose(rng, "tool_call", (o.colour for o in singles))
+        obj = rng.choice([o for o in singles if o.colour == colour])
+        singles.remove(obj)
+        name = rng.choice(list(TOOL_REQUESTS))
+        item = f"{obj.colour} {obj.shape}"
+        if name == "lookup_price":
+            price = rng.randint(2, 9)
+            result = json.dumps({"item": item, "price": price})
+            final = f"The {item} costs {price} dollars."
+        else:
+            result = json.dumps({"item": item, "status": "added"})
+            final = f"Added the {item} to your cart."
+        call = {"name": name, "arguments": {"item": item}}
+        turns.append(Turn(TOOL_REQUESTS[name].format(shape=obj.shape), final, "tool_call", call, result))
+    return Session(session_id, "tool_call", [scene], turns, tools=TOOLS)
+
+
+def make_sessions(
+    n: int,
+    seed: int,
+    *,
+    size: int = 96,
+    two_image_fraction: float = TWO_IMAGE_FRACTION,
+    tool_fraction: float = TOOL_FRACTION,
+    id_prefix: str | None = None,
+) -> list[Session]:
+    """`n` sessions, deterministic for `seed` (and a prefix of a longer run with the same seed)."""
+    rng = random.Random(seed)
+    balancer = _Balancer()
+    prefix = id_prefix if id_prefix is not None else f"s{seed}"
+    sessions = []
+    for index in range(n):
+        session_id = f"{prefix}-{index:06d}"
+        draw = rng.random()
+        if draw < two_image_fraction:
+            sessions.append(_two_image_session(rng, balancer, session_id, size))
+        elif draw < two_image_fraction + tool_fraction:
+            sessions.append(_tool_session(rng, balancer, session_id, size))
+        else:
+            sessions.append(_cragmm_session(rng, balancer, session_id, size))
+    return sessions
+
+
+# ------------------------------------------------------------------------------------------- scoring
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_boxes(text: str) -> list[tuple[str, list[float]]] | None:
+    """[(label, bbox)] from a grounding answer, or None when it is not the expected JSON."""
+    try:
+        data = json.loads(text)
+        return [(str(item["label"]), [float(v) for v in item["bbox"]][:4]) for item in data if len(item["bbox"]) == 4]
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def grounding_score(prediction: str | list[Sequence[float]], target: str) -> float:
+    """Greedy one-to-one IoU matching, summed and divided by max(#pred, #target): extra or missed boxes cost."""
+    gt = [box for _, box in parse_boxes(target) or []]
+    if isinstance(prediction, str):
+        parsed = parse_boxes(prediction)
+        if parsed is None:
+            return 0.0
+        pred = [box for _, box in parsed]
+    else:
+        pred = [list(box) for box in prediction]
+    if not gt and not pred:
+        return 1.0
+    pairs = sorted(((box_iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)), reverse=True)
+    used_p, used_g, total = set(), set(), 0.0
+    for iou, i, j in pairs:
+        if i in used_p or j in used_g:
+            continue
+        used_p.add(i)
+        used_g.add(j)
+        total += iou
+    return total / max(len(pred), len(gt))
+
+
+def _all_turns(sessions: Iterable[Session]) -> Iterable[Turn]:
+    for session in sessions:
+        yield from session.turns
+
+
+def turn_label(turn: Turn) -> str:
+    """What is scored for a turn: the answer, or for tool turns "name(item)" of the expected call."""
+    if turn.tool_call is not None:
+        return f"{turn.tool_call['name']}({turn.tool_call['arguments']['item']})"
+    return turn.answer
+
+
+def _best_fixed_box_score(targets: list[str]) -> float:
+    """Expected grounding score of the best single fixed box (the mean box, or a centred square)."""
+    boxes = [box for t in targets for _, box in parse_boxes(t) or []]
+    if not boxes:
+        return 0.0
+    mean = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)]
+    guesses = [mean] + [[0.5 - h, 0.5 - h, 0.5 + h, 0.5 + h] for h in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)]
+    return max(sum(grounding_score([g], t) for t in targets) / len(targets) for g in guesses)
+
+
+def chance_levels(sessions: Sequence[Session] | None = None) -> dict[str, float]:
+    """Accuracy (IoU for grounding) a model that ignores the image can expect, per qtype.
+
+    Fixed by construction where answers are balanced (colour 1/4, shape 1/3, binary 1/2, tool 1/4);
+    measured on `sessions` (default: a fixed reference sample) for count (largest answer share) and
+    grounding (best fixed box).
+    """
+    if sessions is None:
+        return dict(_reference_chance())
+    counts = Counter(t.answer for t in _all_turns(sessions) if t.qtype == "count")
+    grounding = [t.answer for t in _all_turns(sessions) if t.qtype == "grounding"]
+    return {
+        "colour": 1 / len(COLOURS),
+        "shape": 1 / len(SHAPES),
+        "count": max(counts.values()) / sum(counts.values()) if counts else 0.0,
+        "position": 0.5,
+        "yes_no": 0.5,
+        "comparison": 0.5,
+        "grounding": _best_fixed_box_score(grounding),
+        "two_image": 0.5,
+        "tool_call": 1 / len(COLOURS),
+    }
+
+
+@lru_cache(maxsize=1)
+def _reference_chance() -> tuple[tuple[str, float], ...]:
+    return tuple(chance_levels(make_sessions(1500, seed=20240601)).items())
+
+
+def blind_baseline(train: Sequence[Session], evaluate: Sequence[Session]) -> dict[str, float]:
+    """The best text-only model, measured: the majority answer per question text on `train`, scored on
+    `evaluate` (grounding: the train mean box). Near `chance_levels` means the questions need the image."""
+    by_text: dict[str, Counter[str]] = defaultdict(Counter)
+    by_type: dict[str, Counter[str]] = defaultdict(Counter)
+    train_boxes: dict[str, list[list[float]]] = defaultdict(list)
+    for turn in _all_turns(train):
+        if turn.qtype == "grounding":
+            train_boxes[turn.question] += [box for _, box in parse_boxes(turn.answer) or []]
+            continue
+        by_text[turn.question][turn_label(turn)] += 1
+        by_type[turn.qtype][turn_label(turn)] += 1
+    scores: dict[str, list[float]] = defaultdict(list)
+    all_boxes = [b for boxes in train_boxes.values() for b in boxes]
+    for turn in _all_turns(evaluate):
+        if turn.qtype == "grounding":
+            boxes = train_boxes.get(turn.question) or all_boxes
+            guess = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)] if boxes else [0.25, 0.25, 0.75, 0.75]
+            scores["grounding"].append(grounding_score([guess], turn.answer))
+            continue
+        counter = by_text.get(turn.question) or by_type.get(turn.qtype) or Counter()
+        guess = counter.most_common(1)[0][0] if counter else ""
+        scores[turn.qtype].append(float(guess == turn_label(turn)))
+    return {q: sum(v) / len(v) for q, v in scores.items()}
+
+
+def qtype_counts(sessions: Iterable[Session]) -> dict[str, int]:
+    return dict(Counter(t.qtype for t in _all_turns(sessions)))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_hash(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes()).hexdigest()
+
+
+def cragmm_features() -> Any:
+    """CRAG-MM v0.1.2 features (turns/answers as dicts of lists) with our own label names."""
+    from datasets import ClassLabel, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    return Features(
+        {
+            "session_id": Value("string"),
+            "image": ImageFeature(),
+            "image_url": Value("string"),
+            "turns": {
+                "interaction_id": List(Value("string")),
+                "query": List(Value("string")),
+                "domain": List(ClassLabel(names=list(DOMAIN_NAMES))),
+                "query_category": List(ClassLabel(names=list(QTYPES))),
+                "dynamism": List(ClassLabel(names=list(DYNAMISM_NAMES))),
+                "image_quality": List(ClassLabel(names=list(IMAGE_QUALITY_NAMES))),
+            },
+            "answers": {"interaction_id": List(Value("string")), "ans_full": List(Value("string"))},
+        }
+    )
+
+
+def cragmm_row(session: Session) -> dict[str, Any]:
+    """One CRAG-MM v0.1.2 row (labels as integers, as on the hub)."""
+    if session.kind != "cragmm":
+        raise ValueError(f"session {session.session_id} is {session.kind}; only one-image sessions fit CRAG-MM")
+    ids = [f"{session.session_id}-t{i}" for i in range(len(session.turns))]
+    n = len(ids)
+    return {
+        "session_id": session.session_id,
+        "image": {"bytes": png_bytes(session.scenes[0].image), "path": None},
+        "image_url": "",
+        "turns": {
+            "interaction_id": ids,
+            "query": [t.question for t in session.turns],
+            "domain": [0] * n,
+            "query_category": [QTYPES.index(t.qtype) for t in session.turns],
+            "dynamism": [0] * n,
+            "image_quality": [0] * n,
+        },
+        "answers": {"interaction_id": ids, "ans_full": [t.answer for t in session.turns]},
+    }
+
+
+def session_messages(session: Session, image_items: Sequence[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """HF chat messages for a session: all images in the first user turn, OpenAI-style tool calls.
+
+    `image_items` are the image content items (default `{"type": "image"}`, as the adapters return them).
+    """
+    items = list(image_items) if image_items is not None else [{"type": "image"} for _ in session.scenes]
+    messages: list[dict[str, Any]] = []
+    for index, turn in enumerate(session.turns):
+        content = (items if index == 0 else []) + [{"type": "text", "text": turn.question}]
+        messages.append({"role": "user", "content": content})
+        if turn.tool_call is None:
+            messages.append({"role": "assistant", "content": turn.answer})
+            continue
+        call_id = f"call_{index}"
+        call = {"id": call_id, "type": "function", "function": dict(turn.tool_call)}
+        messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        messages.append({"role": "tool", "tool_call_id": call_id, "name": turn.tool_call["name"], "content": turn.tool_result})
+        messages.append({"role": "assistant", "content": turn.answer})
+    return messages
+
+
+def messages_id(session: Session) -> str:
+    """The row id of an extra session: it is the one field the messages adapter keeps, so it holds the qtype."""
+    return f"{session.session_id}:{session.qtype}"
+
+
+def qtype_from_id(row_id: str) -> str:
+    return row_id.rsplit(":", 1)[-1]
+
+
+def conversation_qtypes(conversation: dict[str, Any]) -> list[str]:
+    """One qtype per user turn of a Conversation read back by either adapter."""
+    meta = conversation.get("metadata") or {}
+    if meta.get("format") == "cragmm":
+        return [str(t["query_category"]) for t in meta["turns"]]
+    qtype = qtype_from_id(str(meta.get("id", "")))
+    return [qtype for m in conversation["messages"] if m["role"] == "user"]
+
+
+def write_messages(sessions: Sequence[Session], out_dir: str | Path, split: str) -> Path | None:
+    """The two-image / tool-call sessions as `<split>-extra.jsonl`, images as PNGs in `<split>-images/`."""
+    extra = [s for s in sessions if s.kind != "cragmm"]
+    if not extra:
+        return None
+    out = Path(out_dir)
+    image_dir = out / f"{split}-images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    path = out / f"{split}-extra.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for session in extra:
+            items = []
+            for k, scene in enumerate(session.scenes):
+                name = f"{session.session_id}-{k}.png"
+                scene.image.save(image_dir / name, format="PNG")
+                items.append({"type": "image", "image": f"{split}-images/{name}"})
+            row: dict[str, Any] = {
+                "id": messages_id(session),
+                "messages": session_messages(session, items),
+                "metadata": {"session_id": session.session_id, "qtype": session.qtype, "split": split},
+            }
+            if session.tools:
+                row["tools"] = session.tools
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_cragmm(sessions: Sequence[Session], out_dir: str | Path, split: str) -> Path:
+    """One-image sessions as `<split>.parquet` in the CRAG-MM v0.1.2 layout; the others via `write_messages`."""
+    import datasets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [cragmm_row(s) for s in sessions if s.kind == "cragmm"]
+    path = out / f"{split}.parquet"
+    datasets.Dataset.from_list(rows, features=cragmm_features()).to_parquet(str(path))
+    write_messages(sessions, out, split)
+    return path
+
+
+def _heldout_sessions(n: int, seed: int, seen: set[str]) -> list[Session]:
+    """Held-out sessions whose images never appear in train (pixel hashes), from a disjoint seed."""
+    kept: list[Session] = []
+    attempt = 0
+    while len(kept) < n:
+        batch = make_sessions(n, seed + 7919 * (attempt + 1), id_prefix=f"heldout{attempt}" if attempt else "heldout")
+        kept += [s for s in batch if not any(image_hash(i) in seen for i in s.images)]
+        attempt += 1
+    kept = kept[:n]
+    for index, session in enumerate(kept):
+        session.session_id = f"heldout-{index:06d}"
+    return kept
+
+
+def write_demo_dataset(out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, Any]:
+    """Train and held-out splits (CRAG-MM parquet + extra JSONL each), `manifest.json`, and chance levels."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train = make_sessions(n_train, seed, id_prefix="train")
+    seen = {image_hash(image) for s in train for image in s.images}
+    heldout = _heldout_sessions(n_heldout, seed, seen)
+    result: dict[str, Any] = {"out_dir": out}
+    manifest: dict[str, Any] = {
+        "world": {
+            "image_size": 96,
+            "shapes": list(SHAPES),
+            "colours": list(COLOURS),
+            "objects_per_image": [MIN_OBJECTS, MAX_OBJECTS],
+            "object_size_fraction": list(SIZE_RANGE),
+            "turns_per_session": [MIN_TURNS, MAX_TURNS],
+        },
+        "qtypes": list(QTYPES),
+        "seed": seed,
+        "splits": {},
+    }
+    for split, sessions in (("train", train), ("heldout", heldout)):
+        cragmm = write_cragmm(sessions, out, split)
+        extra = out / f"{split}-extra.jsonl"
+        paths = {"cragmm": cragmm, "messages": extra if extra.is_file() else None}
+        result[split] = paths
+        manifest["splits"][split] = {
+            "cragmm": cragmm.name,
+            "messages": extra.name if extra.is_file() else None,
+            "sessions": len(sessions),
+            "qtype_counts": qtype_counts(sessions),
+        }
+    levels = chance_levels(heldout) if heldout else chance_levels()
+    result["chance_levels"] = levels
+    manifest["chance_levels"] = levels
+    manifest["blind_baseline"] = blind_baseline(train, heldout) if train and heldout else {}
+    result["blind_baseline"] = manifest["blind_baseline"]
+    manifest_path = out / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    result["manifest"] = manifest_path
+    return result
