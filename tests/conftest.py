@@ -61,3 +61,15 @@ def image_path(tmp_path) -> Path:
     path = tmp_path / "shapes.png"
     draw_shapes().save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model after a short run on examples/colours: its greedy answers vary with the input."""
+    from n2eye.train.config import TrainConfig
+    from n2eye.train.trainer import train
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
+    out = tmp_path_factory.mktemp("trained") / "run"
+    return train(TrainConfig(model=str(tiny_checkpoint), data=str(data), out=str(out), max_steps=40, lr=3e-3,
+                             batch_size=4, grad_accum=1, bf16=False, gradient_checkpointing=False, seed=1))  # fmt: skip

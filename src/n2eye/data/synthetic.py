@@ -110,7 +110,14 @@ TOOL_FRACTION = 0.1
 COUNT_PROBABILITY = 0.45  # a session opens with one counting question
 COUNT_OBJECTS_PROBABILITY = 0.3  # of those, "How many objects" (else "How many <shape>s")
 GROUNDING_PROBABILITY = 0.4  # a session ends with one grounding request
-MIDDLE_WEIGHTS = {"colour": 1.0, "shape": 1.0, "position": 1.0, "yes_no": 1.0, "comparison": 0.8}
+MIDDLE_QTYPES = ("colour", "shape", "position", "yes_no", "comparison")  # picked least-used first
+ANSWER_CLASSES: dict[str, tuple[str, ...]] = {
+    "colour": COLOURS,
+    "shape": SHAPES,
+    "position": ("left", "right", "top", "bottom"),
+    "yes_no": ("yes", "no"),
+    "comparison": ("yes", "no", "first", "second"),  # "first"/"second": which named object is the answer
+}
 MIN_TURNS, MAX_TURNS = 2, 6
 
 
@@ -298,7 +305,9 @@ def bigger_of(a: SceneObject, b: SceneObject) -> SceneObject | None:
 
 
 class _Balancer:
-    """Greedy answer balancing per qtype: among the answers a scene allows, take the least used so far."""
+    """Greedy answer balancing per key: among the answers a scene allows, take the least used so far."""
+
+    SLACK = 2  # how far one answer may run ahead of the rarest before a qtype waits for a better scene
 
     def __init__(self) -> None:
         self.counts: dict[str, Counter[str]] = defaultdict(Counter)
@@ -310,6 +319,12 @@ class _Balancer:
         choice = rng.choice([c for c in options if counts[c] == low])
         counts[choice] += 1
         return choice
+
+    def allows(self, key: str, classes: Iterable[str], universe: Iterable[str]) -> bool:
+        """False when every offered answer is already SLACK ahead of the rarest one: asking now would skew."""
+        counts = self.counts[key]
+        floor = min(counts[c] for c in universe)
+        return any(counts[c] <= floor + self.SLACK for c in classes)
 
     def pick(self, rng: random.Random, key: str, candidates: list[_Candidate]) -> _Candidate:
         cls = self.choose(rng, key, (c.cls for c in candidates))
@@ -358,7 +373,7 @@ def _colour_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
     out = []
     for shape in SHAPES:
         found = scene.find(shape)
-        if len(found) != 1 or know.knows_shape(shape) or shape in know.counted:
+        if len(found) != 1 or know.knows_shape(shape):
             continue
         colour = found[0].colour
         pairs = {(c, shape): c == colour for c in COLOURS}
@@ -469,13 +484,12 @@ def _cragmm_session(rng: random.Random, balancer: _Balancer, session_id: str, si
     while True:
         know = _Knowledge()
         turns: list[Turn] = []
-        counted_shapes: tuple[str, ...] = ()
         if rng.random() < COUNT_PROBABILITY:
             count_turn, shapes = _count_plan(rng, balancer)
             scene = make_scene(rng, size, shapes=shapes)
             turns.append(count_turn)
-            counted_shapes = SHAPES if "objects" in count_turn.question else tuple(s for s in SHAPES if plural(s) in count_turn.question)
-            know.counted.update(counted_shapes)
+            # A known shape count would give away yes/no answers about that shape; a total count does not.
+            know.counted.update(s for s in SHAPES if f" {plural(s)} " in count_turn.question)
             know.used["count"] += 1
         else:
             scene = make_scene(rng, size)
@@ -490,11 +504,14 @@ def _cragmm_session(rng: random.Random, balancer: _Balancer, session_id: str, si
                 "yes_no": _yes_no_candidates(scene, know),
                 "comparison": _comparison_candidates(scene, know, allow_more=not know.used["count"]),
             }
-            options = {k: v for k, v in options.items() if v}
+            options = {
+                k: v
+                for k, v in options.items()
+                if v and balancer.allows(k, (c.cls for c in v), ANSWER_CLASSES[k])
+            }
             if not options:
                 break
-            names = list(options)
-            qtype = rng.choices(names, weights=[MIDDLE_WEIGHTS[n] for n in names])[0]
+            qtype = balancer.choose(rng, "middle", options)
             cand = balancer.pick(rng, qtype, options[qtype])
             kind = qtype
             if qtype == "comparison":
@@ -857,12 +874,12 @@ def write_cragmm(sessions: Sequence[Session], out_dir: str | Path, split: str) -
     return path
 
 
-def _heldout_sessions(n: int, seed: int, seen: set[str]) -> list[Session]:
+def _heldout_sessions(n: int, seed: int, seen: set[str], size: int = 96) -> list[Session]:
     """Held-out sessions whose images never appear in train (pixel hashes), from a disjoint seed."""
     kept: list[Session] = []
     attempt = 0
     while len(kept) < n:
-        batch = make_sessions(n, seed + 7919 * (attempt + 1), id_prefix=f"heldout{attempt}" if attempt else "heldout")
+        batch = make_sessions(n, seed + 7919 * (attempt + 1), size=size, id_prefix="heldout")
         kept += [s for s in batch if not any(image_hash(i) in seen for i in s.images)]
         attempt += 1
     kept = kept[:n]
@@ -871,17 +888,19 @@ def _heldout_sessions(n: int, seed: int, seen: set[str]) -> list[Session]:
     return kept
 
 
-def write_demo_dataset(out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0) -> dict[str, Any]:
+def write_demo_dataset(
+    out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0, *, size: int = 96
+) -> dict[str, Any]:
     """Train and held-out splits (CRAG-MM parquet + extra JSONL each), `manifest.json`, and chance levels."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_sessions(n_train, seed, id_prefix="train")
+    train = make_sessions(n_train, seed, size=size, id_prefix="train")
     seen = {image_hash(image) for s in train for image in s.images}
-    heldout = _heldout_sessions(n_heldout, seed, seen)
+    heldout = _heldout_sessions(n_heldout, seed, seen, size)
     result: dict[str, Any] = {"out_dir": out}
     manifest: dict[str, Any] = {
         "world": {
-            "image_size": 96,
+            "image_size": size,
             "shapes": list(SHAPES),
             "colours": list(COLOURS),
             "objects_per_image": [MIN_OBJECTS, MAX_OBJECTS],

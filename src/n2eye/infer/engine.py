@@ -1,0 +1,250 @@
+"""`n2eye.load(path)`: the one object that answers, for the CLI, the server, eval and users.
+
+- `chat(messages)`: one answer to a conversation (optionally streamed).
+- `generate_batch(conversations)`: many conversations at once (left padding, one `generate`).
+- `session()`: a multi-turn chat that keeps the LFM2 hybrid cache (attention KV + conv state) between turns, so
+  a follow-up turn only runs its new tokens and never re-encodes earlier images.
+Vision grids are cached by image content (bounded LRU), so the same picture is encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
+
+
+class VisionGridCache:
+    """Bounded LRU of vision-tower grids keyed by the preprocessed pixels."""
+
+    def __init__(self, model, max_items: int = 64):
+        self.model = model
+        self.max_items = max_items
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoded = 0  # images that actually went through the vision tower
+
+    def grids(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        keys = [hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self.items]
+        if missing:
+            with torch.no_grad():
+                computed = self.model.model.encode_images(pixel_values[missing].to(self.model.device))
+            self.encoded += len(missing)
+            for i, grid in zip(missing, computed):
+                self.items[keys[i]] = grid
+        out = []
+        for key in keys:
+            self.items.move_to_end(key)
+            out.append(self.items[key])
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)
+        return out
+
+
+class N2Eye:
+    """A loaded N2-Eye model + processor with chat, batch generation and cached multi-turn sessions."""
+
+    def __init__(self, model, processor, image_cache_size: int = 64):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.vision_cache = VisionGridCache(model, image_cache_size)
+        self._end_ids = {i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS) if i is not None}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None) -> N2Eye:
+        """Loads a checkpoint folder or hub id exactly as transformers users do (trust_remote_code)."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+        if device:
+            model.to(device)
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+        return cls(model, processor)
+
+    # ---- helpers -----------------------------------------------------------------------------------------------
+    def generation_options(self, **overrides: Any) -> dict[str, Any]:
+        """The checkpoint's generation_config (LFM2-VL defaults) with the caller's overrides; greedy when
+        temperature is 0."""
+        options = {k: v for k, v in overrides.items() if v is not None}
+        if options.get("temperature") == 0:
+            options.pop("temperature")
+            options["do_sample"] = False
+        options.setdefault("max_new_tokens", 256)
+        return options
+
+    def decode(self, ids) -> str:
+        """Text of generated ids: special tokens kept (tool-call markers), end/pad tokens dropped."""
+        ids = [int(i) for i in ids if int(i) not in self._end_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _model_inputs(self, encoded) -> dict[str, Any]:
+        """Moves processor output to the model and swaps pixel_values for cached vision grids."""
+        inputs = {k: v.to(self.model.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
+        pixels = inputs.pop("pixel_values", None)
+        if pixels is not None and len(pixels):
+            inputs["vision_features"] = self.vision_cache.grids(pixels)
+        inputs.pop("assistant_masks", None)
+        return inputs
+
+    def _encode(self, conversations, tools=None):
+        return self.processor.apply_chat_template(
+            conversations,
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )
+
+    # ---- one-shot ------------------------------------------------------------------------------------------------
+    def chat(self, messages: list[dict], tools: list[dict] | None = None, stream: bool = False, **options: Any):
+        """Answers a conversation (HF chat messages, images as content items). Returns the text, or an iterator of
+        text chunks with `stream=True`."""
+        inputs = self._model_inputs(self._encode(messages, tools))
+        if stream:
+            return self._stream(inputs, self.generation_options(**options))
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generation_options(**options))
+        return self.decode(out[0, inputs["input_ids"].shape[1] :])
+
+    def chat_message(self, messages: list[dict], tools: list[dict] | None = None, **options: Any) -> dict[str, Any]:
+        """An OpenAI-style assistant message: content plus parsed `tool_calls`."""
+        text = self.chat(messages, tools=tools, **options)
+        content, calls = self.processor.parse_tool_calls(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return message
+
+    def generate_batch(
+        self, conversations: list[list[dict]], tools: list[dict] | None = None, **options: Any
+    ) -> list[str]:
+        """Answers several conversations in one left-padded `generate` call."""
+        if not conversations:
+            return []
+        self.tokenizer.padding_side = "left"
+        inputs = self._model_inputs(self._encode(conversations, tools))
+        with self._lock, torch.inference_mode():
+            out = self.model.generate(**inputs, **self.generation_options(**options))
+        prompt = inputs["input_ids"].shape[1]
+        return [self.decode(row[prompt:]) for row in out]
+
+    def _stream(self, inputs: dict, options: dict) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
+
+        def run() -> None:
+            with self._lock, torch.inference_mode():
+                self.model.generate(**inputs, **options, streamer=streamer)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        for chunk in streamer:
+            for token in END_TOKENS:
+                chunk = chunk.replace(token, "")
+            if chunk:
+                yield chunk
+        thread.join()
+
+    # ---- multi-turn ------------------------------------------------------------------------------------------------
+    def session(self, system: str | None = None, tools: list[dict] | None = None) -> ChatSession:
+        return ChatSession(self, system=system, tools=tools)
+
+
+class ChatSession:
+    """A conversation whose model state (LFM2 KV + conv cache) is kept between turns.
+
+    Each turn renders the whole conversation with the chat template, checks that the already-processed text is
+    its prefix, and runs only the new tokens (with only the new images). If the prefix ever differs (e.g. the
+    system prompt changed), it falls back to a full prefill.
+    """
+
+    def __init__(self, engine: N2Eye, system: str | None = None, tools: list[dict] | None = None):
+        self.engine = engine
+        self.tools = tools
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.reset_cache()
+
+    def reset_cache(self) -> None:
+        self.ids: torch.Tensor | None = None  # every token of the conversation so far (prompt + answers)
+        self.cache = None
+        self.prefix_text = ""  # rendered text covered by self.ids
+        self.prefilled_tokens = 0  # tokens the model ran in prefill over the session (for tests and stats)
+
+    def _render(self, add_generation_prompt: bool) -> str:
+        return self.engine.processor.apply_chat_template(
+            self.messages, tools=self.tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def send(self, content: str | list[dict], **options: Any) -> str:
+        """Adds a user turn (text or content items with images), generates, keeps the answer in the history."""
+        engine = self.engine
+        self.messages.append({"role": "user", "content": content})
+        full = self._render(add_generation_prompt=True)
+        items = content if isinstance(content, list) else []
+        new_images = [i for i in items if isinstance(i, dict) and i.get("type") in ("image", "image_url")]
+        if self.ids is None or not full.startswith(self.prefix_text):
+            self.reset_cache()
+            encoded = engine.processor.apply_chat_template(
+                self.messages, tools=self.tools, add_generation_prompt=True, tokenize=True, return_dict=True,
+                return_tensors="pt",
+            )  # fmt: skip
+            history = torch.empty((1, 0), dtype=torch.long)
+        else:
+            suffix = full[len(self.prefix_text) :]
+            images = [self._image_source(item) for item in new_images]
+            encoded = engine.processor(text=suffix, images=images or None, return_tensors="pt")
+            history = self.ids
+        inputs = engine._model_inputs(encoded)
+        new_ids = inputs.pop("input_ids")
+        input_ids = torch.cat([history.to(new_ids.device), new_ids], dim=1)
+        from transformers import DynamicCache
+
+        cache = self.cache if self.cache is not None else DynamicCache(config=engine.model.config)
+        seen = cache.get_seq_length()
+        self.prefilled_tokens += input_ids.shape[1] - seen
+        with engine._lock, torch.inference_mode():
+            out = engine.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                past_key_values=cache,
+                vision_features=inputs.get("vision_features"),
+                **engine.generation_options(**options),
+            )
+        answer_ids = out[0, input_ids.shape[1] :]
+        text = engine.decode(answer_ids)
+        self.messages.append({"role": "assistant", "content": text})
+        end = engine.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.ids, self.cache = out, cache
+        covered = self._render(add_generation_prompt=False)  # ends with "<|im_end|>\n"
+        if len(answer_ids) and int(answer_ids[-1]) == end:
+            self.prefix_text = covered[: -len("\n")]
+        else:  # stopped by max_new_tokens: the next suffix starts by closing this answer
+            self.prefix_text = covered[: -len("<|im_end|>\n")]
+        return text
+
+    @staticmethod
+    def _image_source(item: dict) -> Any:
+        if item.get("type") == "image_url":
+            url = item.get("image_url")
+            return url.get("url") if isinstance(url, dict) else url
+        for key in ("image", "url", "path", "base64"):
+            if key in item:
+                return item[key]
+        raise ValueError("An image item needs one of: image, url, path, base64 (or an OpenAI image_url).")
+
+
+def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None) -> N2Eye:
+    """`n2eye.load(path)`: the model and processor behind one object."""
+    return N2Eye.load(path, dtype=dtype, device=device)

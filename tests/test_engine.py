@@ -1,0 +1,87 @@
+"""`n2eye.load`: chat, batch generation, and multi-turn sessions that reuse the model state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "colours"
+
+
+@pytest.fixture(scope="module")
+def eye(trained_tiny):
+    import n2eye
+
+    return n2eye.load(trained_tiny)
+
+
+def _image(name: str) -> Image.Image:
+    return Image.open(EXAMPLES / name).convert("RGB")
+
+
+def _question(name: str, text: str = "What colour is the shape?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": _image(name)}, {"type": "text", "text": text}]}]
+
+
+def test_chat_answers_from_the_image(eye):
+    answers = {name: eye.chat(_question(name), temperature=0, max_new_tokens=4) for name in
+               ("red_circle.png", "blue_square.png", "green_circle.png")}  # fmt: skip
+    assert set(answers.values()) <= {"red", "green", "blue", "yellow"}, answers  # learned the answer vocabulary
+    assert len(set(answers.values())) >= 2, answers  # and the answer depends on the picture
+
+
+def test_generate_batch_equals_one_by_one(eye):
+    conversations = [_question("red_circle.png"), [{"role": "user", "content": "Hello there, no picture"}],
+                     _question("yellow_square.png", "Which shape is it?")]  # fmt: skip
+    batched = eye.generate_batch(conversations, temperature=0, max_new_tokens=5)
+    singles = [eye.chat(c, temperature=0, max_new_tokens=5) for c in conversations]
+    assert batched == singles
+
+
+def test_stream_yields_the_same_text(eye):
+    full = eye.chat(_question("green_square.png"), temperature=0, max_new_tokens=5)
+    chunks = list(eye.chat(_question("green_square.png"), temperature=0, max_new_tokens=5, stream=True))
+    assert "".join(chunks) == full and len(chunks) >= 1
+
+
+def test_session_reuses_state_and_equals_full_reprefill(trained_tiny):
+    import n2eye
+
+    eye = n2eye.load(trained_tiny)  # fresh image cache: count encoder calls from zero
+    calls = []
+    eye.model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    session = eye.session()
+    turns = [
+        [{"type": "image", "image": _image("blue_circle.png")}, {"type": "text", "text": "What colour is the shape?"}],
+        "Which shape is it?",
+        "What colour is the shape?",
+    ]
+    answers, prompt_lengths = [], []
+    for turn in turns:
+        before = session.prefilled_tokens
+        answers.append(session.send(turn, temperature=0, max_new_tokens=4))
+        prompt_lengths.append(session.prefilled_tokens - before)
+    assert answers[0] in {"red", "green", "blue", "yellow"} and answers[1] in {"circle", "square"}, answers
+    assert len(calls) == 1, "the image must be encoded once per session"
+    # later turns only run their new tokens, far fewer than the image block alone
+    assert prompt_lengths[1] < 20 and prompt_lengths[2] < 20 and prompt_lengths[0] > 64
+    # full re-prefill over the same tokens, without any cache, gives the same greedy answer
+    ids = session.ids
+    answer_len = len(eye.tokenizer(answers[2], add_special_tokens=False)["input_ids"]) + 1
+    prompt = ids[:, : ids.shape[1] - answer_len]
+    pixels = eye.processor.image_processor([_image("blue_circle.png")], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = eye.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels,
+                                       do_sample=False, max_new_tokens=4, use_cache=False)  # fmt: skip
+    assert eye.decode(reference[0, prompt.shape[1] :]) == answers[2]
+    assert torch.equal(reference[0, : ids.shape[1]], ids[0, : reference.shape[1]])
+
+
+def test_chat_message_parses_tool_calls(eye, monkeypatch):
+    monkeypatch.setattr(eye, "chat", lambda *a, **k: '<|tool_call_start|>[lookup(item="red circle")]<|tool_call_end|>')
+    message = eye.chat_message([{"role": "user", "content": "price?"}])
+    assert message["tool_calls"][0]["function"]["name"] == "lookup"
+    assert message["content"] == ""

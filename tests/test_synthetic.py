@@ -1,0 +1,289 @@
+"""The shapes world: deterministic, correct against its own pixels, balanced, image-dependent, and readable
+through our CRAG-MM and messages adapters."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+
+from n2eye.data import synthetic as S
+from n2eye.data.formats import load_conversations
+
+
+@pytest.fixture(scope="module")
+def sessions() -> list[S.Session]:
+    return S.make_sessions(2000, seed=11)
+
+
+@pytest.fixture(scope="module")
+def heldout() -> list[S.Session]:
+    return S.make_sessions(1000, seed=12)
+
+
+def all_turns(sessions):
+    for session in sessions:
+        for turn in session.turns:
+            yield session, turn
+
+
+def drawn_area(scene: S.Scene, obj: S.SceneObject) -> int:
+    """Pixels inside the object's box that are not background (objects never share a box)."""
+    x1, y1, x2, y2 = obj.bbox
+    pixels = np.asarray(scene.image.crop((x1, y1, x2, y2)), dtype=np.int16)
+    return int((np.abs(pixels - np.array(scene.background)).max(axis=-1) > 30).sum())
+
+
+def side(scene: S.Scene, obj: S.SceneObject, axis: str) -> str | None:
+    i = 0 if axis == "x" else 1
+    centre = (obj.bbox[i] + obj.bbox[i + 2]) / 2
+    if abs(centre - scene.size / 2) < 0.1 * scene.size:
+        return None
+    if axis == "x":
+        return "left" if centre < scene.size / 2 else "right"
+    return "top" if centre < scene.size / 2 else "bottom"
+
+
+def expected_answer(session: S.Session, turn: S.Turn) -> str:
+    """Recomputes a turn's answer from the scene objects (and pixels), independently of the generator."""
+    q = turn.question
+    scene = session.scenes[0]
+    objs = scene.objects
+
+    def having(scene, shape=None, colour=None):
+        return [o for o in scene.objects if shape in (None, o.shape) and colour in (None, o.colour)]
+
+    if m := re.fullmatch(r"What colour is the (\w+)\?", q):
+        (obj,) = having(scene, shape=m[1])
+        return obj.colour
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
+        (obj,) = having(scene, colour=m[1])
+        return obj.shape
+    if m := re.fullmatch(r"How many (\w+)s are there\?", q):
+        return str(len(objs) if m[1] == "object" else len(having(scene, shape=m[1])))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (on the left or the right|at the top or the bottom)\?", q):
+        (obj,) = having(scene, shape=m[2], colour=m[1])
+        answer = side(scene, obj, "x" if "left" in m[3] else "y")
+        assert answer is not None, "position asked about an object near the middle"
+        return answer
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", q):
+        return "yes" if having(scene, shape=m[2], colour=m[1]) else "no"
+    if m := re.fullmatch(r"Are there more (\w+)s than (\w+)s\?", q):
+        a, b = len(having(scene, shape=m[1])), len(having(scene, shape=m[2]))
+        assert a != b, "more-than asked on a tie"
+        return "yes" if a > b else "no"
+    if m := re.fullmatch(r"Which is bigger, the (\w+) object or the (\w+) object\?", q):
+        (a,) = having(scene, colour=m[1])
+        (b,) = having(scene, colour=m[2])
+        area_a, area_b = drawn_area(scene, a), drawn_area(scene, b)
+        assert max(area_a, area_b) >= 1.2 * min(area_a, area_b), "bigger asked without a clear difference"
+        return a.colour if area_a > area_b else b.colour
+    if m := re.fullmatch(r"Detect all instances of: (\w+)\. .*", q):
+        found = sorted(having(scene, shape=m[1]), key=lambda o: (o.bbox[0], o.bbox[1]))
+        assert found
+        return json.dumps([{"label": o.shape, "bbox": [round(v / scene.size, 2) for v in o.bbox]} for o in found])
+    if m := re.fullmatch(r"Which image has more (\w+)s\?", q):
+        first, second = session.scenes
+        key = (lambda s: len(s.objects)) if m[1] == "object" else (lambda s: len(having(s, shape=m[1])))
+        assert key(first) != key(second), "two-image question on a tie"
+        return "first" if key(first) > key(second) else "second"
+    if m := re.fullmatch(r"Which image has a (\w+) (\w+)\?", q):
+        has = [bool(having(s, shape=m[2], colour=m[1])) for s in session.scenes]
+        assert sum(has) == 1
+        return "first" if has[0] else "second"
+    if m := re.fullmatch(r"(?:Look up the price of|Add) the (\w+)(?: to my cart)?\.", q):
+        (obj,) = having(scene, shape=m[1])
+        name = "lookup_price" if q.startswith("Look up") else "add_to_cart"
+        return f"{name}({obj.colour} {obj.shape})"
+    raise AssertionError(f"unexpected question {q!r}")
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_sessions_are_deterministic_for_a_seed():
+    a, b, c = S.make_sessions(40, seed=3), S.make_sessions(40, seed=3), S.make_sessions(40, seed=4)
+
+    def key(sessions):
+        return [
+            (s.session_id, s.kind, [(t.question, t.answer, t.qtype, t.tool_call) for t in s.turns], [i.tobytes() for i in s.images])
+            for s in sessions
+        ]
+
+    assert key(a) == key(b)
+    assert key(a) != key(c)
+    assert key(S.make_sessions(10, seed=3)) == key(a)[:10]  # a prefix of a longer run
+
+
+def test_scenes_are_in_bounds_apart_and_drawn_as_described():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = S.make_scene(rng, 96)
+        assert scene.image.size == (96, 96) and scene.image.mode == "RGB"
+        assert 1 <= len(scene.objects) <= 4
+        assert max(abs(c - 128) for c in scene.background) > 60, "background must not look like blank grey"
+        for i, o in enumerate(scene.objects):
+            x1, y1, x2, y2 = o.bbox
+            assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 and 18 <= x2 - x1 <= 34 and x2 - x1 == y2 - y1
+            assert o.bbox_norm == tuple(v / 96 for v in o.bbox)
+            # The pixel a bit above the bottom centre is inside every shape and has the object's colour.
+            pixel = scene.image.getpixel(((x1 + x2) // 2, y2 - 4))
+            assert max(abs(a - b) for a, b in zip(pixel, S.PALETTE[o.colour])) <= S.OBJECT_JITTER
+            for p in scene.objects[i + 1 :]:
+                assert x2 <= p.bbox[0] or p.bbox[2] <= x1 or y2 <= p.bbox[1] or p.bbox[3] <= y1, "objects overlap"
+
+
+def test_every_answer_is_correct(sessions):
+    kinds = Counter(s.kind for s in sessions)
+    assert set(kinds) == {"cragmm", "two_image", "tool_call"}
+    for session in sessions:
+        assert 1 <= len(session.turns) <= 6
+        if session.kind == "cragmm":
+            assert 2 <= len(session.turns)
+        assert len(session.scenes) == (2 if session.kind == "two_image" else 1)
+        for turn in session.turns:
+            expected = expected_answer(session, turn)
+            if turn.qtype == "grounding":
+                assert json.loads(turn.answer) == json.loads(expected), (session.session_id, turn)
+            else:
+                assert S.turn_label(turn) == expected, (session.session_id, turn)
+            assert turn.answer == turn.answer.strip() and (turn.qtype in ("grounding", "tool_call") or turn.answer.islower() or turn.answer.isdigit())
+    assert set(S.qtype_counts(sessions)) == set(S.QTYPES)
+
+
+def test_answers_are_balanced_within_each_type(sessions):
+    classes: dict[str, Counter] = defaultdict(Counter)
+    for session, turn in all_turns(sessions):
+        if turn.qtype == "grounding":
+            continue
+        key = turn.qtype
+        if turn.qtype == "comparison":
+            if turn.answer in ("yes", "no"):
+                key = "comparison-more"
+            else:  # which of the two named objects is the answer
+                key = "comparison-bigger"
+                named = re.findall(r"the (\w+) object", turn.question)
+                classes[key]["first" if named[0] == turn.answer else "second"] += 1
+                continue
+        elif turn.qtype == "position":
+            key = "position-x" if turn.answer in ("left", "right") else "position-y"
+        elif turn.qtype == "tool_call":
+            classes["tool_call"][turn.tool_call["arguments"]["item"].split()[0]] += 1
+            continue
+        classes[key][turn.answer] += 1
+    assert set(classes) >= {"colour", "shape", "count", "position-x", "position-y", "yes_no", "comparison-more", "comparison-bigger", "two_image", "tool_call"}
+    for key, counter in classes.items():
+        total = sum(counter.values())
+        top = max(counter.values()) / total
+        assert total >= 50, (key, total)
+        if len(counter) == 2:
+            assert 0.4 <= top <= 0.6, (key, counter)
+        else:
+            assert len(counter) >= 3 and top <= 0.4, (key, counter)
+
+
+def test_grounding_answers_parse_and_match_the_objects(sessions):
+    seen = 0
+    for session, turn in all_turns(sessions):
+        if turn.qtype != "grounding":
+            continue
+        seen += 1
+        data = json.loads(turn.answer)
+        shape = turn.question.split(": ", 1)[1].split(".", 1)[0]
+        objects = sorted(session.scenes[0].find(shape), key=lambda o: (o.bbox[0], o.bbox[1]))
+        assert [d["label"] for d in data] == [shape] * len(objects)
+        for d, o in zip(data, objects):
+            assert all(abs(a - b) < 0.0051 for a, b in zip(d["bbox"], o.bbox_norm))
+        assert [d["bbox"][0] for d in data] == sorted(d["bbox"][0] for d in data)
+        assert S.grounding_score(turn.answer, turn.answer) == 1.0
+    assert seen > 100
+    assert S.grounding_score("not json", '[{"label": "circle", "bbox": [0.1, 0.1, 0.3, 0.3]}]') == 0.0
+
+
+def test_cragmm_parquet_reads_back_through_the_adapter(tmp_path):
+    sessions = S.make_sessions(60, seed=5)
+    path = S.write_cragmm(sessions, tmp_path, "train")
+    assert path == tmp_path / "train.parquet"
+    convs = list(load_conversations(path, "cragmm", cache_dir=tmp_path / "hf"))
+    single = [s for s in sessions if s.kind == "cragmm"]
+    assert len(convs) == len(single) > 30
+    for conv, session in zip(convs, single):
+        assert conv["messages"] == S.session_messages(session)
+        assert conv["images"][0].tobytes() == session.scenes[0].image.tobytes()
+        assert conv["metadata"]["session_id"] == session.session_id and conv["metadata"]["egocentric"]
+        assert S.conversation_qtypes(conv) == [t.qtype for t in session.turns]
+        assert {t["domain"] for t in conv["metadata"]["turns"]} == {"shapes"}
+
+
+def test_extra_jsonl_reads_back_through_the_messages_adapter(tmp_path):
+    sessions = S.make_sessions(120, seed=6)
+    S.write_cragmm(sessions, tmp_path, "heldout")
+    path = tmp_path / "heldout-extra.jsonl"
+    extra = [s for s in sessions if s.kind != "cragmm"]
+    convs = list(load_conversations(path, "messages", cache_dir=tmp_path / "hf"))
+    assert len(convs) == len(extra) > 10
+    assert {s.kind for s in extra} == {"two_image", "tool_call"}
+    for conv, session in zip(convs, extra):
+        assert conv["messages"] == S.session_messages(session)
+        assert [i.tobytes() for i in conv["images"]] == [i.tobytes() for i in session.images]
+        assert S.conversation_qtypes(conv) == [session.kind] * len(session.turns)
+        if session.kind == "tool_call":
+            assert [t["function"]["name"] for t in conv["tools"]] == ["lookup_price", "add_to_cart"]
+            call = conv["messages"][1]["tool_calls"][0]["function"]
+            assert call == session.turns[0].tool_call
+        else:
+            assert "tools" not in conv
+
+
+def test_questions_need_the_image(sessions, heldout):
+    """With the image blanked to grey only the text is left: the same text must take several answers, and the
+    best text-only predictor (majority answer per question text, fitted on other sessions) stays near chance."""
+    answers: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    for _, turn in all_turns(sessions):
+        answers[turn.qtype][turn.question][S.turn_label(turn)] += 1
+    for qtype in S.QTYPES:
+        common = {text: c for text, c in answers[qtype].items() if sum(c.values()) >= 10}
+        assert common, qtype
+        for text, counter in common.items():  # every frequent question text takes several answers
+            assert len(counter) > 1 and max(counter.values()) / sum(counter.values()) < 0.75, (qtype, text, counter)
+    chance = S.chance_levels(heldout)
+    blind = S.blind_baseline(sessions, heldout)
+    assert set(blind) == set(S.QTYPES)
+    for qtype, accuracy in blind.items():
+        assert accuracy <= chance[qtype] + 0.1, (qtype, accuracy, chance[qtype])
+    assert chance["grounding"] < 0.2 and chance["count"] < 0.3
+
+
+def test_chance_levels_cover_every_qtype():
+    levels = S.chance_levels()
+    assert set(levels) == set(S.QTYPES)
+    assert levels["colour"] == levels["tool_call"] == 0.25 and levels["shape"] == pytest.approx(1 / 3)
+    assert all(0 < v <= 0.5 for v in levels.values())
+
+
+def test_demo_dataset_splits_and_manifest(tmp_path):
+    result = S.write_demo_dataset(tmp_path / "demo", n_train=80, n_heldout=40, seed=2)
+    manifest = json.loads(result["manifest"].read_text())
+    assert set(manifest["splits"]) == {"train", "heldout"} and manifest["splits"]["heldout"]["sessions"] == 40
+    assert manifest["chance_levels"] == result["chance_levels"]
+    for split in ("train", "heldout"):
+        assert result[split]["cragmm"].is_file() and result[split]["messages"].is_file()
+    train = list(load_conversations(result["train"]["cragmm"], "cragmm", cache_dir=tmp_path / "hf"))
+    train += list(load_conversations(result["train"]["messages"], "messages", cache_dir=tmp_path / "hf"))
+    held = list(load_conversations(result["heldout"]["cragmm"], "cragmm", cache_dir=tmp_path / "hf"))
+    held += list(load_conversations(result["heldout"]["messages"], "messages", cache_dir=tmp_path / "hf"))
+    assert len(train) == 80 and len(held) == 40
+    seen = {S.image_hash(i) for c in train for i in c["images"]}
+    assert not any(S.image_hash(i) in seen for c in held for i in c["images"])
+
+
+def test_generation_is_fast():
+    start = time.perf_counter()
+    S.make_sessions(1000, seed=9)
+    assert time.perf_counter() - start < 5.0
