@@ -97,6 +97,20 @@ def check_writable(out_dir: str | Path, need_bytes: int = 0) -> None:
         )
 
 
+def check_file_writable(path: str | Path) -> Path:
+    """For result files: the folder exists (or can be made) and is writable, and the path is not a folder."""
+    out = Path(path).expanduser().resolve()
+    if out.is_dir():
+        raise OSError(f"{out} is a folder; give a file path such as {out / 'result.json'}.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"Cannot create {out.parent}: {err}. Choose another output path.") from err
+    if not os.access(out.parent, os.W_OK):
+        raise PermissionError(f"{out.parent} is not writable. Choose another output path.")
+    return out
+
+
 def atomic_write_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Runs `write(tmp_dir)` then renames tmp_dir to out_dir, so a crash never leaves a half-written folder.
     An existing out_dir is replaced only after the new one is complete."""

@@ -54,6 +54,15 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.runner import EvalConfig, evaluate
+
+    cfg = config_from_args(EvalConfig, args)
+    evaluate(cfg)
+    print(f"results: {cfg.out}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .build import BuildConfig
     from .infer.generate import GenerateConfig
@@ -73,6 +82,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="fold a LoRA adapter into a plain checkpoint")
     add_dataclass_arguments(p, MergeConfig)
     p.set_defaults(func=_cmd_merge)
+    from .eval.runner import EvalConfig
+
+    p = sub.add_parser("eval", help="score a model on held-out conversations, per question type")
+    add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("generate", help="answer one prompt about one image")
     add_dataclass_arguments(p, GenerateConfig)
     p.set_defaults(func=_cmd_generate)

@@ -277,6 +277,9 @@ def messages_to_conversation(
     conversation: Conversation = {"messages": messages, "images": images, "metadata": {"format": "messages"}}
     if row.get("id") is not None:
         conversation["metadata"]["id"] = row.get("id")
+    extra = _maybe_json(row.get("metadata"), "metadata")  # e.g. per-turn question types for `n2eye eval`
+    if isinstance(extra, Mapping):
+        conversation["metadata"].update({k: v for k, v in extra.items() if k != "format"})
     tools = _maybe_json(row.get("tools"), "tools")
     if tools:
         conversation["tools"] = tools

@@ -1,0 +1,144 @@
+"""`n2eye eval`: answer every assistant turn of held-out conversations and score it per question type.
+
+Each turn is asked with the dataset's own history before it (earlier gold answers, tool responses), through the
+same `n2eye.load(...).generate_batch` path as inference, greedy. `--blank-images` replaces every image with
+uniform grey: the score that remains is what text priors alone can do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .scoring import aggregate, format_table, score_turn
+
+
+@dataclass
+class EvalConfig:
+    """Options of `n2eye eval`."""
+
+    model: str
+    """Checkpoint folder (or hub id)."""
+    data: str
+    """Held-out SPEC (file, folder or hub dataset, optional :split)."""
+    out: str
+    """Result JSON: per-type scores, overall, and every prediction."""
+    format: str = "auto"
+    """Data format: auto, cragmm, messages or llava."""
+    batch_size: int = 16
+    """Turns generated together."""
+    max_new_tokens: int = 96
+    """Longest answer."""
+    max_samples: int = 0
+    """Evaluate only the first N conversations (0: all)."""
+    blank_images: bool = False
+    """Replace every image with uniform grey (the text-prior baseline)."""
+
+
+def question_type(conversation: dict, turn_index: int) -> str:
+    """The question type of the `turn_index`-th assistant turn, from the dataset's metadata."""
+    meta = conversation.get("metadata") or {}
+    turns = meta.get("turns")
+    if isinstance(turns, list) and turn_index < len(turns):
+        turn = turns[turn_index] or {}
+        return str(turn.get("qtype") or turn.get("query_category") or "all")
+    qtypes = meta.get("qtypes")
+    if isinstance(qtypes, list) and turn_index < len(qtypes):
+        return str(qtypes[turn_index])
+    return str(meta.get("qtype") or "all")
+
+
+def _attach_images(messages: list[dict], images: list[Image.Image], blank: bool) -> tuple[list[dict], int]:
+    """Fills `{"type": "image"}` placeholders in order; returns the messages and how many images were used."""
+    out, used = [], 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            items = []
+            for item in content:
+                if isinstance(item, dict) and item.get("type") == "image" and len(item) == 1:
+                    image = images[used]
+                    if blank:
+                        image = Image.new("RGB", image.size, (128, 128, 128))
+                    item = {"type": "image", "image": image}
+                    used += 1
+                items.append(item)
+            message = {**message, "content": items}
+        out.append(message)
+    return out, used
+
+
+def turn_requests(conversation: dict, blank: bool = False) -> list[dict[str, Any]]:
+    """One request per assistant turn: the history before it, the reference answer (or tool calls), the type."""
+    messages, _ = _attach_images(conversation["messages"], conversation.get("images") or [], blank)
+    requests, turn = [], 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        requests.append(
+            {
+                "history": messages[:index],
+                "reference": message.get("content") or "",
+                "reference_tool_calls": message.get("tool_calls"),
+                "qtype": question_type(conversation, turn),
+                "tools": conversation.get("tools"),
+            }
+        )
+        turn += 1
+    return requests
+
+
+def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
+    """Runs the evaluation, writes cfg.out (JSON) and returns the result."""
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import check_file_writable
+    from ..data.formats import load_conversations
+    from ..data.report import SkipReport
+    from ..infer.engine import load
+
+    out = check_file_writable(cfg.out)  # fail now, not after the long part
+    engine = engine or load(cfg.model)
+    report = SkipReport()
+    requests = []
+    for n, conversation in enumerate(load_conversations(cfg.data, cfg.format, report=report)):
+        if cfg.max_samples and n >= cfg.max_samples:
+            break
+        for request in turn_requests(conversation, blank=cfg.blank_images):
+            request["conversation"] = n
+            requests.append(request)
+    records = []
+    with tqdm(total=len(requests), desc="eval" + (" (blank images)" if cfg.blank_images else ""), unit="turn") as bar:
+        # group by tool list: one generate call shares one system prompt layout
+        for start in range(0, len(requests), cfg.batch_size):
+            chunk = requests[start : start + cfg.batch_size]
+            groups: dict[str, list[dict]] = {}
+            for request in chunk:
+                groups.setdefault(json.dumps(request["tools"], sort_keys=True), []).append(request)
+            for tools_key, group in groups.items():
+                predictions = engine.generate_batch(
+                    [r["history"] for r in group],
+                    tools=json.loads(tools_key),
+                    do_sample=False,
+                    max_new_tokens=cfg.max_new_tokens,
+                    repetition_penalty=1.0,
+                )
+                for request, prediction in zip(group, predictions):
+                    scored = score_turn(prediction, request["reference"], request["qtype"], request["reference_tool_calls"])
+                    question = request["history"][-1]["content"]
+                    if isinstance(question, list):
+                        question = " ".join(i.get("text", "<image>") for i in question if isinstance(i, dict))
+                    records.append({"conversation": request["conversation"], "question": question,
+                                    "reference": request["reference"], "prediction": prediction, **scored})  # fmt: skip
+            bar.update(len(chunk))
+    summary = aggregate(records) if records else {"per_type": {}, "overall": None, "macro": None, "n": 0}
+    result = {"config": asdict(cfg), **summary, "skipped": report.to_dict(), "predictions": records}
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out)
+    print(format_table(summary["per_type"]))
+    return result

@@ -1,0 +1,37 @@
+"""`n2eye eval`: every assistant turn answered with the dataset's history, scored per question type."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
+
+
+def test_eval_scores_every_turn_per_type(trained_tiny, tmp_path):
+    from n2eye.eval.runner import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "r.json")))
+    assert json.loads((tmp_path / "r.json").read_text())["n"] == 16
+    assert set(result["per_type"]) == {"colour", "shape"}
+    assert all(r["qtype"] in ("colour", "shape") and "prediction" in r for r in result["predictions"])
+    # history from the dataset: the shape question is asked after the gold colour answer
+    second = [r for r in result["predictions"] if r["qtype"] == "shape"]
+    assert second and all(r["question"] == "Which shape is it?" for r in second)
+    blank = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "b.json"),
+                                blank_images=True))  # fmt: skip
+    # with every picture grey, the colour answer can no longer follow the image
+    assert len({r["prediction"] for r in blank["predictions"] if r["qtype"] == "colour"}) == 1
+
+
+def test_eval_cli_and_unwritable_output(trained_tiny, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "n2eye.cli", "eval", "--model", str(trained_tiny), "--data",
+                             str(EXAMPLES), "--out", str(tmp_path / "out" / "eval.json"), "--max-samples", "2"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "colour" in result.stdout and json.loads((tmp_path / "out" / "eval.json").read_text())["n"] == 4
+    bad = subprocess.run([sys.executable, "-m", "n2eye.cli", "eval", "--model", str(trained_tiny), "--data",
+                          str(EXAMPLES), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "is a folder" in bad.stderr
