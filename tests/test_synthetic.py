@@ -60,6 +60,9 @@ def expected_answer(session: S.Session, turn: S.Turn) -> str:
     if m := re.fullmatch(r"What colour is the (\w+)\?", q):
         (obj,) = having(scene, shape=m[1])
         return obj.colour
+    if m := re.fullmatch(r"What colour is the (\w+) in the (first|second) image\?", q):
+        (obj,) = having(session.scenes[0 if m[2] == "first" else 1], shape=m[1])
+        return obj.colour
     if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
         (obj,) = having(scene, colour=m[1])
         return obj.shape
@@ -232,7 +235,8 @@ def test_extra_jsonl_reads_back_through_the_messages_adapter(tmp_path):
     for conv, session in zip(convs, extra):
         assert conv["messages"] == S.session_messages(session)
         assert [i.tobytes() for i in conv["images"]] == [i.tobytes() for i in session.images]
-        assert S.conversation_qtypes(conv) == [session.kind] * len(session.turns)
+        assert S.conversation_qtypes(conv) == [t.qtype for t in session.turns]
+        assert S.conversation_qtypes(conv)[0] == session.kind
         if session.kind == "tool_call":
             assert [t["function"]["name"] for t in conv["tools"]] == ["lookup_price", "add_to_cart"]
             call = conv["messages"][1]["tool_calls"][0]["function"]

@@ -315,3 +315,11 @@ def test_n2eye_merge_equals_train_merge(tiny_checkpoint, dataset, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_several_specs_in_one_run(tiny_checkpoint, tmp_path):
+    first = write_messages_dataset(tmp_path / "a", n=3)
+    second = write_messages_dataset(tmp_path / "b", n=2, bad_rows=True)
+    run_train(tiny_checkpoint, f"{first},{second}", tmp_path / "run", max_steps=1, max_samples=0)
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert result["train_conversations"] == 5 and result["skipped"]["skipped"] == 3

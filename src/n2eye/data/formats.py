@@ -556,3 +556,33 @@ def load_conversations(
     options.setdefault("base_dir", spec_base_dir(spec))
     return iter_conversations(dataset, format, **options)
 
+
+
+def split_specs(specs: str | os.PathLike) -> list[str]:
+    """`--data a.parquet,b.jsonl` -> both; each SPEC is read with its own format detection."""
+    return [part.strip() for part in str(specs).split(",") if part.strip()]
+
+
+def load_many(
+    specs: str | os.PathLike, format: str = "auto", *, report: SkipReport | None = None, **options: Any
+) -> Iterator[Conversation]:
+    """Conversations from one or several comma-separated SPECs, in order. Every SPEC's format is checked before
+    the first row is read; skips are counted per SPEC (so "every row bad" is judged per SPEC) and merged."""
+    report = report if report is not None else SkipReport()
+    streams = []
+    for spec in split_specs(specs):
+        own = SkipReport()
+        streams.append((own, load_conversations(spec, format, report=own, **options)))
+
+    def chained() -> Iterator[Conversation]:
+        merged = 0
+        try:
+            for own, stream in streams:
+                yield from stream
+                report.merge(own)
+                merged += 1
+        finally:  # also when the reader stops early (close()), so the counts stay complete
+            for own, _ in streams[merged:]:
+                report.merge(own)
+
+    return chained()

@@ -106,18 +106,33 @@ TOOL_REQUESTS = {"lookup_price": "Look up the price of the {shape}.", "add_to_ca
 
 # Session mix (make_sessions) and turn mix within a CRAG-MM session.
 TWO_IMAGE_FRACTION = 0.1
+TWO_IMAGE_FOLLOW_UP = 0.6  # a two-image session goes on with a colour question about one of the images
 TOOL_FRACTION = 0.1
-COUNT_PROBABILITY = 0.45  # a session opens with one counting question
-COUNT_OBJECTS_PROBABILITY = 0.3  # of those, "How many objects" (else "How many <shape>s")
+# A session may open with one counting turn: counts shift which shapes later answers favour, so at most one
+# per session, always first, and no shape question or yes/no about a counted shape after it.
+# yes/no is an opening too: anything known about the scene shifts which pairs are present.
+OPENING_WEIGHTS = {"none": 0.3, "yes_no": 0.3, "count-objects": 0.1, "count-shape": 0.2, "more": 0.1}
 GROUNDING_PROBABILITY = 0.4  # a session ends with one grounding request
-MIDDLE_QTYPES = ("colour", "shape", "position", "yes_no", "comparison")  # picked least-used first
-ANSWER_CLASSES: dict[str, tuple[str, ...]] = {
-    "colour": COLOURS,
-    "shape": SHAPES,
-    "position": ("left", "right", "top", "bottom"),
+# Middle turns: a session asks about colours, shapes or sizes ("bigger"), chosen blind to the scene, plus
+# positions; each question is drawn uniformly among those the scene allows. Mixing colour, shape and size
+# questions in one session would make asking one depend on the answers of another (a colour question needs
+# a shape seen once, "bigger" depends on shapes), and the type asked would hint at the answers.
+MIDDLE_MODES = {"colour": 0.4, "shape": 0.35, "comparison": 0.25}
+POSITION_WEIGHT = 0.8  # against 1.0 for the session's mode
+SLOT_DRAWS = 3  # draws per middle slot before it is left empty
+# Answer decks, for the answers a random scene would not balance by itself: each key deals its classes in
+# shuffled blocks; the scene is built (count), ordered (more, two images) or the question chosen (yes/no)
+# to match the card. Colour, shape, position, bigger and tool answers are balanced by symmetry instead (and
+# must not be dealt: asking only when the scene can serve the card makes a session's later answers differ
+# from its earlier ones more often than chance).
+DECKS: dict[str, tuple[str, ...]] = {
     "yes_no": ("yes", "no"),
-    "comparison": ("yes", "no", "first", "second"),  # "first"/"second": which named object is the answer
+    "comparison-more": ("yes", "no"),
+    "two_image": ("first", "second"),
+    "count-objects": ("1", "2", "3", "4"),
+    "count-shape": ("0", "1", "2", "3", "4"),
 }
+DECK_BLOCK = 25  # copies of each class per shuffled block
 MIN_TURNS, MAX_TURNS = 2, 6
 
 
@@ -180,11 +195,6 @@ class Session:
     @property
     def images(self) -> list[Image.Image]:
         return [scene.image for scene in self.scenes]
-
-    @property
-    def qtype(self) -> str:
-        """The session's qtype for the extra (messages) kinds; CRAG-MM sessions mix qtypes per turn."""
-        return self.kind if self.kind in EXTRA_QTYPES else "mixed"
 
 
 # ---------------------------------------------------------------------------------------------- scenes
@@ -304,31 +314,19 @@ def bigger_of(a: SceneObject, b: SceneObject) -> SceneObject | None:
     return None
 
 
-class _Balancer:
-    """Greedy answer balancing per key: among the answers a scene allows, take the least used so far."""
+class _Decks:
+    """Answer decks per key (DECKS): classes dealt in shuffled blocks, exact balance without a pattern."""
 
-    SLACK = 2  # how far one answer may run ahead of the rarest before a qtype waits for a better scene
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.decks: dict[str, list[str]] = {}
 
-    def __init__(self) -> None:
-        self.counts: dict[str, Counter[str]] = defaultdict(Counter)
-
-    def choose(self, rng: random.Random, key: str, classes: Iterable[str]) -> str:
-        options = sorted(set(classes))
-        counts = self.counts[key]
-        low = min(counts[c] for c in options)
-        choice = rng.choice([c for c in options if counts[c] == low])
-        counts[choice] += 1
-        return choice
-
-    def allows(self, key: str, classes: Iterable[str], universe: Iterable[str]) -> bool:
-        """False when every offered answer is already SLACK ahead of the rarest one: asking now would skew."""
-        counts = self.counts[key]
-        floor = min(counts[c] for c in universe)
-        return any(counts[c] <= floor + self.SLACK for c in classes)
-
-    def pick(self, rng: random.Random, key: str, candidates: list[_Candidate]) -> _Candidate:
-        cls = self.choose(rng, key, (c.cls for c in candidates))
-        return rng.choice([c for c in candidates if c.cls == cls])
+    def deal(self, key: str) -> str:
+        deck = self.decks.setdefault(key, [])
+        if not deck:
+            deck.extend(DECKS[key] * DECK_BLOCK)
+            self.rng.shuffle(deck)
+        return deck.pop()
 
 
 @dataclass
@@ -336,10 +334,10 @@ class _Candidate:
     """A possible turn plus what asking it tells a reader who cannot see the image (to avoid leaks)."""
 
     turn: Turn
-    cls: str
     pairs: dict[tuple[str, str], bool] = field(default_factory=dict)
     shapes: tuple[str, ...] = ()  # shapes whose count becomes (partly) known
     position: tuple[str, str, str] | None = None  # (colour, shape, axis)
+    kind: str = ""  # "bigger", "more", "count", ... (default: the turn's qtype)
 
 
 @dataclass
@@ -357,12 +355,12 @@ class _Knowledge:
     def knows_colour(self, colour: str) -> bool:
         return any(c == colour for c, _ in self.pairs)
 
-    def learn(self, cand: _Candidate, kind: str) -> None:
+    def learn(self, cand: _Candidate) -> None:
         self.pairs.update(cand.pairs)
         self.counted.update(cand.shapes)
         if cand.position:
             self.positions.add(cand.position)
-        self.used[kind] += 1
+        self.used[cand.kind or cand.turn.qtype] += 1
 
 
 def _unique_pair(scene: Scene, obj: SceneObject) -> bool:
@@ -371,42 +369,47 @@ def _unique_pair(scene: Scene, obj: SceneObject) -> bool:
 
 def _colour_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
     out = []
+    if know.used["bigger"]:  # "bigger" named two colours that no other object has
+        return out
     for shape in SHAPES:
         found = scene.find(shape)
         if len(found) != 1 or know.knows_shape(shape):
             continue
         colour = found[0].colour
         pairs = {(c, shape): c == colour for c in COLOURS}
-        out.append(_Candidate(Turn(f"What colour is the {shape}?", colour, "colour"), colour, pairs))
+        out.append(_Candidate(Turn(f"What colour is the {shape}?", colour, "colour"), pairs))
     return out
 
 
 def _shape_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
-    out = []
+    out: list[_Candidate] = []
+    if know.counted or know.used["bigger"]:  # counts favour some shapes; "bigger" favours squares
+        return out
     for colour in COLOURS:
         found = scene.find(colour=colour)
         if len(found) != 1 or know.knows_colour(colour):
             continue
         shape = found[0].shape
         pairs = {(colour, s): s == shape for s in SHAPES}
-        out.append(_Candidate(Turn(f"What shape is the {colour} object?", shape, "shape"), shape, pairs))
+        out.append(_Candidate(Turn(f"What shape is the {colour} object?", shape, "shape"), pairs))
     return out
 
 
 def _position_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
-    out = []
+    out: list[_Candidate] = []
+    if know.positions:  # objects take room: a second object is likelier on the other side of the first
+        return out
     for obj in scene.objects:
         if not _unique_pair(scene, obj):
             continue
         for axis, words in (("x", "on the left or the right"), ("y", "at the top or the bottom")):
             answer = side_of(obj, axis, scene.size)
-            if answer is None or (obj.colour, obj.shape, axis) in know.positions:
+            if answer is None:
                 continue
             question = f"Is the {obj.colour} {obj.shape} {words}?"
             out.append(
                 _Candidate(
                     Turn(question, answer, "position"),
-                    answer,
                     {(obj.colour, obj.shape): True},
                     position=(obj.colour, obj.shape, axis),
                 )
@@ -414,41 +417,27 @@ def _position_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
     return out
 
 
-def _yes_no_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
-    out = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            if (colour, shape) in know.pairs or shape in know.counted:
+def _yes_no_turn(rng: random.Random, decks: _Decks, scene: Scene) -> _Candidate:
+    """The opening yes/no: answer dealt, then a pair that gives it (there are 12 pairs and at most 4 objects)."""
+    want = decks.deal("yes_no")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES if bool(scene.count(s, c)) == (want == "yes")]
+    colour, shape = rng.choice(pairs)
+    return _Candidate(Turn(f"Is there a {colour} {shape}?", want, "yes_no"), {(colour, shape): want == "yes"})
+
+
+def _bigger_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
+    """Before any colour/shape/position turn (their answers and the sizes depend on each other); both orders."""
+    out: list[_Candidate] = []
+    if know.pairs or know.positions or know.used["bigger"]:
+        return out
+    singles = [o for o in scene.objects if scene.count(colour=o.colour) == 1]
+    for a in singles:
+        for b in singles:
+            big = None if a is b else bigger_of(a, b)
+            if big is None:
                 continue
-            answer = "yes" if scene.count(shape, colour) else "no"
-            question = f"Is there a {colour} {shape}?"
-            out.append(_Candidate(Turn(question, answer, "yes_no"), answer, {(colour, shape): answer == "yes"}))
-    return out
-
-
-def _comparison_candidates(scene: Scene, know: _Knowledge, allow_more: bool) -> list[_Candidate]:
-    out = []
-    if allow_more and not know.used["more"]:
-        for a in SHAPES:
-            for b in SHAPES:
-                ca, cb = scene.count(a), scene.count(b)
-                if a == b or ca == cb or a in know.counted or b in know.counted:
-                    continue
-                answer = "yes" if ca > cb else "no"
-                question = f"Are there more {plural(a)} than {plural(b)}?"
-                out.append(_Candidate(Turn(question, answer, "comparison"), answer, shapes=(a, b)))
-    if not know.used["bigger"]:
-        singles = [o for o in scene.objects if scene.count(colour=o.colour) == 1]
-        for a in singles:
-            for b in singles:
-                if a is b:
-                    continue
-                big = bigger_of(a, b)
-                if big is None:
-                    continue
-                question = f"Which is bigger, the {a.colour} object or the {b.colour} object?"
-                cls = "first" if big is a else "second"
-                out.append(_Candidate(Turn(question, big.colour, "comparison"), cls))
+            question = f"Which is bigger, the {a.colour} object or the {b.colour} object?"
+            out.append(_Candidate(Turn(question, big.colour, "comparison"), kind="bigger"))
     return out
 
 
@@ -458,75 +447,84 @@ def _grounding_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
         found = scene.find(shape)
         if not found or any(s == shape for _, s, _ in know.positions):
             continue
-        out.append(_Candidate(Turn(grounding_question(shape), grounding_answer(found), "grounding"), shape))
+        out.append(_Candidate(Turn(grounding_question(shape), grounding_answer(found), "grounding")))
     return out
 
 
-def _count_plan(rng: random.Random, balancer: _Balancer) -> tuple[Turn, list[str]]:
-    """Answer first, then a scene to match: keeps 0..4 balanced for every count question text."""
-    if rng.random() < COUNT_OBJECTS_PROBABILITY:
-        question = "How many objects are there?"
-        k = int(balancer.choose(rng, question, "1234"))
-        shapes = [rng.choice(SHAPES) for _ in range(k)]
-    else:
+def _opening(rng: random.Random, decks: _Decks, size: int) -> tuple[_Candidate | None, Scene]:
+    """The optional first turn and its scene, answer first (dealt), so each of its question texts is balanced."""
+    kind = rng.choices(list(OPENING_WEIGHTS), weights=list(OPENING_WEIGHTS.values()))[0]
+    if kind in ("none", "yes_no"):
+        scene = make_scene(rng, size)
+        return (_yes_no_turn(rng, decks, scene) if kind == "yes_no" else None), scene
+    if kind == "count-objects":
+        k = int(decks.deal(kind))
+        scene = make_scene(rng, size, shapes=[rng.choice(SHAPES) for _ in range(k)])
+        return _Candidate(Turn("How many objects are there?", str(k), "count"), kind="count"), scene
+    if kind == "count-shape":
         shape = rng.choice(SHAPES)
-        question = f"How many {plural(shape)} are there?"
-        k = int(balancer.choose(rng, question, "01234"))
+        k = int(decks.deal(kind))
         others = [s for s in SHAPES if s != shape]
-        n = rng.randint(max(k, MIN_OBJECTS), MAX_OBJECTS)
-        shapes = [shape] * k + [rng.choice(others) for _ in range(n - k)]
+        shapes = [shape] * k + [rng.choice(others) for _ in range(rng.randint(max(k, MIN_OBJECTS), MAX_OBJECTS) - k)]
         rng.shuffle(shapes)
-    return Turn(question, str(k), "count"), shapes
+        turn = Turn(f"How many {plural(shape)} are there?", str(k), "count")
+        return _Candidate(turn, shapes=(shape,), kind="count"), make_scene(rng, size, shapes=shapes)
+    a, b = rng.sample(SHAPES, 2)
+    while (scene := make_scene(rng, size)).count(a) == scene.count(b):
+        pass
+    if (decks.deal("comparison-more") == "yes") != (scene.count(a) > scene.count(b)):
+        a, b = b, a
+    answer = "yes" if scene.count(a) > scene.count(b) else "no"
+    turn = Turn(f"Are there more {plural(a)} than {plural(b)}?", answer, "comparison")
+    return _Candidate(turn, shapes=(a, b), kind="more"), scene
 
 
-def _cragmm_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
-    """One image, 2-6 turns: optional count first, mixed middle turns, optional grounding last."""
+_MIDDLE = {
+    "colour": _colour_candidates,
+    "shape": _shape_candidates,
+    "position": _position_candidates,
+    "comparison": _bigger_candidates,
+}
+
+
+def _cragmm_session(rng: random.Random, decks: _Decks, session_id: str, size: int) -> Session:
+    """One image, 2-6 turns: an optional opening (count, more-than or yes/no), middle turns, optional grounding."""
     while True:
         know = _Knowledge()
+        opening, scene = _opening(rng, decks, size)
         turns: list[Turn] = []
-        if rng.random() < COUNT_PROBABILITY:
-            count_turn, shapes = _count_plan(rng, balancer)
-            scene = make_scene(rng, size, shapes=shapes)
-            turns.append(count_turn)
-            # A known shape count would give away yes/no answers about that shape; a total count does not.
-            know.counted.update(s for s in SHAPES if f" {plural(s)} " in count_turn.question)
-            know.used["count"] += 1
-        else:
-            scene = make_scene(rng, size)
+        if opening is not None:
+            know.learn(opening)
+            turns.append(opening.turn)
         target = rng.randint(MIN_TURNS, MAX_TURNS)
         ground = rng.random() < GROUNDING_PROBABILITY
-        middle = target - len(turns) - int(ground)
-        for _ in range(middle):
-            options = {
-                "colour": _colour_candidates(scene, know),
-                "shape": _shape_candidates(scene, know),
-                "position": _position_candidates(scene, know),
-                "yes_no": _yes_no_candidates(scene, know),
-                "comparison": _comparison_candidates(scene, know, allow_more=not know.used["count"]),
-            }
-            options = {
-                k: v
-                for k, v in options.items()
-                if v and balancer.allows(k, (c.cls for c in v), ANSWER_CLASSES[k])
-            }
-            if not options:
-                break
-            qtype = balancer.choose(rng, "middle", options)
-            cand = balancer.pick(rng, qtype, options[qtype])
-            kind = qtype
-            if qtype == "comparison":
-                kind = "more" if cand.cls in ("yes", "no") else "bigger"
-            know.learn(cand, kind)
-            turns.append(cand.turn)
+        modes = dict(MIDDLE_MODES)
+        if opening is not None and opening.kind != "count":
+            del modes["comparison"]  # "bigger" needs nothing known about the scene's colours and shapes
+        if opening is not None and opening.shapes:
+            del modes["shape"]  # known counts make some shapes likelier
+        mode = rng.choices(list(modes), weights=list(modes.values()))[0]
+        if mode == "comparison" and opening is None:  # a fresh scene with a clear size difference to ask about
+            while not _bigger_candidates(scene, know):
+                scene = make_scene(rng, size)
+        for _ in range(target - len(turns) - int(ground)):
+            for _ in range(SLOT_DRAWS):
+                qtype = rng.choices((mode, "position"), weights=(1.0, POSITION_WEIGHT))[0]
+                candidates = _MIDDLE[qtype](scene, know)
+                if candidates:
+                    cand = rng.choice(candidates)
+                    know.learn(cand)
+                    turns.append(cand.turn)
+                    break
         if ground or len(turns) < MIN_TURNS:
             grounding = _grounding_candidates(scene, know)
             if grounding:
-                turns.append(balancer.pick(rng, "grounding", grounding).turn)
+                turns.append(rng.choice(grounding).turn)
         if MIN_TURNS <= len(turns) <= MAX_TURNS:
             return Session(session_id, "cragmm", [scene], turns)
 
 
-def _two_image_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
+def _two_image_session(rng: random.Random, decks: _Decks, session_id: str, size: int) -> Session:
     """Two scenes, 1-2 turns; the image order is chosen so "first"/"second" stays balanced."""
     while True:
         a, b = make_scene(rng, size), make_scene(rng, size)
@@ -540,39 +538,32 @@ def _two_image_session(rng: random.Random, balancer: _Balancer, session_id: str,
     def more(x: Scene, y: Scene) -> bool:
         return (x.count(shape) if shape else len(x.objects)) > (y.count(shape) if shape else len(y.objects))
 
-    want = balancer.choose(rng, "two_image", ("first", "second"))
+    want = decks.deal("two_image")
     if (want == "first") != more(a, b):
         a, b = b, a
     turns = [Turn(question, want, "two_image")]
-    if rng.random() < 0.5:
-        pairs = [
-            (c, s)
-            for c in COLOURS
-            for s in SHAPES
-            if s != shape and shape is not None and bool(a.count(s, c)) != bool(b.count(s, c))
-        ]
-        if pairs:
-            c, s = rng.choice(pairs)
-            answer = "first" if a.count(s, c) else "second"
-            balancer.counts["two_image"][answer] += 1
-            turns.append(Turn(f"Which image has a {c} {s}?", answer, "two_image"))
+    # A follow-up about one image: its answer (a colour) is independent of the counts compared above, which a
+    # second "which image" question would not be.
+    index = rng.randrange(2)
+    scene = (a, b)[index]
+    singles = [o for o in scene.objects if scene.count(o.shape) == 1]
+    if singles and rng.random() < TWO_IMAGE_FOLLOW_UP:
+        obj = rng.choice(singles)
+        turns.append(Turn(f"What colour is the {obj.shape} in the {('first', 'second')[index]} image?", obj.colour, "colour"))
     return Session(session_id, "two_image", [a, b], turns)
 
 
-def _tool_session(rng: random.Random, balancer: _Balancer, session_id: str, size: int) -> Session:
-    """A tool request naming only the shape; the call's argument needs the colour from the image."""
-    while True:
-        scene = make_scene(rng, size)
-        singles = [o for o in scene.objects if scene.count(o.shape) == 1]
-        if singles:
-            break
+def _tool_session(rng: random.Random, decks: _Decks, session_id: str, size: int) -> Session:
+    """1-2 tool requests naming only the shape; the call's argument needs the colour from the image."""
+
+    def singles(scene: Scene) -> list[SceneObject]:
+        return [o for o in scene.objects if scene.count(o.shape) == 1]
+
+    while not singles(scene := make_scene(rng, size)):
+        pass
+    options = singles(scene)
     turns: list[Turn] = []
-    for _ in range(rng.randint(1, 2)):
-        if not singles:
-            break
-        colour = balancer.choose(rng, "tool_call", (o.colour for o in singles))
-        obj = rng.choice([o for o in singles if o.colour == colour])
-        singles.remove(obj)
+    for obj in rng.sample(options, min(len(options), rng.randint(1, 2))):
         name = rng.choice(list(TOOL_REQUESTS))
         item = f"{obj.colour} {obj.shape}"
         if name == "lookup_price":
@@ -598,18 +589,18 @@ def make_sessions(
 ) -> list[Session]:
     """`n` sessions, deterministic for `seed` (and a prefix of a longer run with the same seed)."""
     rng = random.Random(seed)
-    balancer = _Balancer()
+    decks = _Decks(rng)
     prefix = id_prefix if id_prefix is not None else f"s{seed}"
     sessions = []
     for index in range(n):
         session_id = f"{prefix}-{index:06d}"
         draw = rng.random()
         if draw < two_image_fraction:
-            sessions.append(_two_image_session(rng, balancer, session_id, size))
+            sessions.append(_two_image_session(rng, decks, session_id, size))
         elif draw < two_image_fraction + tool_fraction:
-            sessions.append(_tool_session(rng, balancer, session_id, size))
+            sessions.append(_tool_session(rng, decks, session_id, size))
         else:
-            sessions.append(_cragmm_session(rng, balancer, session_id, size))
+            sessions.append(_cragmm_session(rng, decks, session_id, size))
     return sessions
 
 
@@ -817,12 +808,13 @@ def session_messages(session: Session, image_items: Sequence[dict[str, Any]] | N
 
 
 def messages_id(session: Session) -> str:
-    """The row id of an extra session: it is the one field the messages adapter keeps, so it holds the qtype."""
-    return f"{session.session_id}:{session.qtype}"
+    """The row id of an extra session, `<session_id>:<qtype>+<qtype>...` (one per user turn): the id is the
+    one row field the messages adapter keeps, so it carries the qtypes."""
+    return f"{session.session_id}:{'+'.join(t.qtype for t in session.turns)}"
 
 
-def qtype_from_id(row_id: str) -> str:
-    return row_id.rsplit(":", 1)[-1]
+def qtypes_from_id(row_id: str) -> list[str]:
+    return row_id.rsplit(":", 1)[-1].split("+")
 
 
 def conversation_qtypes(conversation: dict[str, Any]) -> list[str]:
@@ -830,8 +822,7 @@ def conversation_qtypes(conversation: dict[str, Any]) -> list[str]:
     meta = conversation.get("metadata") or {}
     if meta.get("format") == "cragmm":
         return [str(t["query_category"]) for t in meta["turns"]]
-    qtype = qtype_from_id(str(meta.get("id", "")))
-    return [qtype for m in conversation["messages"] if m["role"] == "user"]
+    return qtypes_from_id(str(meta.get("id", "")))
 
 
 def write_messages(sessions: Sequence[Session], out_dir: str | Path, split: str) -> Path | None:
@@ -853,7 +844,12 @@ def write_messages(sessions: Sequence[Session], out_dir: str | Path, split: str)
             row: dict[str, Any] = {
                 "id": messages_id(session),
                 "messages": session_messages(session, items),
-                "metadata": {"session_id": session.session_id, "qtype": session.qtype, "split": split},
+                "metadata": {
+                    "session_id": session.session_id,
+                    "kind": session.kind,
+                    "qtypes": [t.qtype for t in session.turns],
+                    "split": split,
+                },
             }
             if session.tools:
                 row["tools"] = session.tools

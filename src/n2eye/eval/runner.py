@@ -97,7 +97,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from ..checkpoint import check_file_writable
-    from ..data.formats import load_conversations
+    from ..data.formats import load_many
     from ..data.report import SkipReport
     from ..infer.engine import load
 
@@ -105,7 +105,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     engine = engine or load(cfg.model)
     report = SkipReport()
     requests = []
-    for n, conversation in enumerate(load_conversations(cfg.data, cfg.format, report=report)):
+    for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
         if cfg.max_samples and n >= cfg.max_samples:
             break
         for request in turn_requests(conversation, blank=cfg.blank_images):

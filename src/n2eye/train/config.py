@@ -18,7 +18,8 @@ class TrainConfig:
     model: str
     """Checkpoint folder to start from (made by `n2eye build` or an earlier `n2eye train`)."""
     data: str
-    """Training data SPEC: a json/jsonl/parquet file, a folder (saved dataset, parquet files) or a hub dataset, with optional :split."""
+    """Training data SPEC: a json/jsonl/parquet file, a folder (saved dataset, parquet files) or a hub dataset, with
+    optional :split; several SPECs separated by commas are read in turn, each with its own format."""
     out: str
     """Run folder: checkpoints, metrics.jsonl, loss curve, skip report, final model in out/final."""
     format: str = "auto"

@@ -35,10 +35,11 @@ def encode_dataset(
     """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted)."""
     from tqdm.auto import tqdm
 
-    from ..data.formats import load_conversations
+    from ..data.formats import load_many
 
     examples = []
-    for conversation in tqdm(load_conversations(spec, fmt, report=report), desc=f"encoding {spec}", unit="conv"):
+    stream = load_many(spec, fmt, report=report)
+    for conversation in tqdm(stream, desc=f"encoding {spec}", unit="conv"):
         try:
             examples.append(encode_conversation(processor, conversation, max_length, last_turn_only))
         except SkipRow as skip:
@@ -47,6 +48,7 @@ def encode_dataset(
             continue
         if max_samples and len(examples) >= max_samples:
             break
+    stream.close()
     if not examples:
         raise ValueError(f"No usable training sample in {spec}: {report.summary()}")
     return examples
@@ -60,11 +62,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         self.processor, self.cfg, self.report, self.feature_cache = processor, cfg, report, feature_cache
 
     def __iter__(self):
-        from ..data.formats import load_conversations
+        from ..data.formats import load_many
 
-        conversations = load_conversations(
-            self.cfg.data, self.cfg.format, streaming=True, report=self.report, check_all_bad=False
-        )
+        conversations = load_many(self.cfg.data, self.cfg.format, streaming=True, report=self.report, check_all_bad=False)
         for conversation in conversations:
             try:
                 example = encode_conversation(self.processor, conversation, self.cfg.max_length, self.cfg.last_turn_only)
@@ -235,9 +235,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
 
     report = SkipReport()
     if cfg.streaming:
-        from ..data.formats import load_conversations
+        from ..data.formats import load_many
 
-        load_conversations(cfg.data, cfg.format, streaming=True)  # checks the format before anything runs
+        load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
         cache = None
         if cfg.feature_cache and not cfg.train_vision:
             from ..build import cache_dir as default_cache_dir
