@@ -113,7 +113,12 @@ def test_sessions_are_deterministic_for_a_seed():
 
     def key(sessions):
         return [
-            (s.session_id, s.kind, [(t.question, t.answer, t.qtype, t.tool_call) for t in s.turns], [i.tobytes() for i in s.images])
+            (
+                s.session_id,
+                s.kind,
+                [(t.question, t.answer, t.qtype, t.tool_call) for t in s.turns],
+                [i.tobytes() for i in s.images],
+            )
             for s in sessions
         ]
 
@@ -156,7 +161,9 @@ def test_every_answer_is_correct(sessions):
                 assert json.loads(turn.answer) == json.loads(expected), (session.session_id, turn)
             else:
                 assert S.turn_label(turn) == expected, (session.session_id, turn)
-            assert turn.answer == turn.answer.strip() and (turn.qtype in ("grounding", "tool_call") or turn.answer.islower() or turn.answer.isdigit())
+            assert turn.answer == turn.answer.strip()
+            if turn.qtype not in ("grounding", "tool_call"):  # one lowercase word or a digit
+                assert re.fullmatch(r"[a-z]+|[0-4]", turn.answer), turn
     assert set(S.qtype_counts(sessions)) == set(S.QTYPES)
 
 
@@ -180,7 +187,9 @@ def test_answers_are_balanced_within_each_type(sessions):
             classes["tool_call"][turn.tool_call["arguments"]["item"].split()[0]] += 1
             continue
         classes[key][turn.answer] += 1
-    assert set(classes) >= {"colour", "shape", "count", "position-x", "position-y", "yes_no", "comparison-more", "comparison-bigger", "two_image", "tool_call"}
+    expected = {"colour", "shape", "count", "yes_no", "two_image", "tool_call"}
+    expected |= {"position-x", "position-y", "comparison-more", "comparison-bigger"}
+    assert set(classes) == expected
     for key, counter in classes.items():
         total = sum(counter.values())
         top = max(counter.values()) / total
@@ -222,6 +231,8 @@ def test_cragmm_parquet_reads_back_through_the_adapter(tmp_path):
         assert conv["metadata"]["session_id"] == session.session_id and conv["metadata"]["egocentric"]
         assert S.conversation_qtypes(conv) == [t.qtype for t in session.turns]
         assert {t["domain"] for t in conv["metadata"]["turns"]} == {"shapes"}
+        memory = S.to_conversation(session)  # the in-memory form matches what the adapter reads
+        assert memory["messages"] == conv["messages"] and S.conversation_qtypes(memory) == S.conversation_qtypes(conv)
 
 
 def test_extra_jsonl_reads_back_through_the_messages_adapter(tmp_path):
@@ -252,16 +263,19 @@ def test_questions_need_the_image(sessions, heldout):
     for _, turn in all_turns(sessions):
         answers[turn.qtype][turn.question][S.turn_label(turn)] += 1
     for qtype in S.QTYPES:
-        common = {text: c for text, c in answers[qtype].items() if sum(c.values()) >= 10}
+        common = {text: c for text, c in answers[qtype].items() if sum(c.values()) >= 20}
         assert common, qtype
         for text, counter in common.items():  # every frequent question text takes several answers
-            assert len(counter) > 1 and max(counter.values()) / sum(counter.values()) < 0.75, (qtype, text, counter)
+            assert len(counter) > 1 and max(counter.values()) / sum(counter.values()) < 0.8, (qtype, text, counter)
     chance = S.chance_levels(heldout)
     blind = S.blind_baseline(sessions, heldout)
     assert set(blind) == set(S.QTYPES)
     for qtype, accuracy in blind.items():
         assert accuracy <= chance[qtype] + 0.1, (qtype, accuracy, chance[qtype])
     assert chance["grounding"] < 0.2 and chance["count"] < 0.3
+    blank = S.blank_image()
+    assert blank.getextrema() == tuple((v, v) for v in S.BLANK_GREY)
+    assert all(max(abs(a - b) for a, b in zip(bg, S.BLANK_GREY)) > 60 for bg in S.BACKGROUNDS)
 
 
 def test_chance_levels_cover_every_qtype():

@@ -63,6 +63,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    run_demo(config_from_args(DemoConfig, args))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     from .build import BuildConfig
     from .infer.generate import GenerateConfig
@@ -72,6 +79,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="assemble a model from LFM2 + SigLIP backbones (or a preset) and save it")
     add_dataclass_arguments(p, BuildConfig)
     p.set_defaults(func=_cmd_build)
+    from .demo import DemoConfig
+
+    p = sub.add_parser("demo", help="train an N2-Eye from scratch on CPU, prove it learned, and show it")
+    add_dataclass_arguments(p, DemoConfig)
+    p.set_defaults(func=_cmd_demo)
     from .train.config import TrainConfig
 
     p = sub.add_parser("train", help="train on CRAG-MM or your own chat data (projector, full or LoRA)")

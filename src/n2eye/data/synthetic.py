@@ -9,12 +9,16 @@ objects: a circle, square or triangle in red, green, blue or yellow, 18-34 px wi
 (one image, 2-6 mixed turns) and are written in the CRAG-MM v0.1.2 layout (`write_cragmm`); two-image and
 tool-call sessions do not fit CRAG-MM and go to a `messages` JSONL file beside it (`write_messages`).
 
-Where the question type ends up after the adapters (`conversation_qtypes` reads both):
+Where the question type ends up after the adapters (`conversation_qtypes` reads both, one per user turn):
 * CRAG-MM parquet: `conversation["metadata"]["turns"][i]["query_category"]` (a ClassLabel whose names are
-  `QTYPES`), one per user turn;
-* messages JSONL: the adapter keeps only the row `id`, so the id is `"<session_id>:<qtype>"`
-  (`conversation["metadata"]["id"]`); the file also has a `metadata` column with the qtype, which the
+  `QTYPES`);
+* messages JSONL: the adapter keeps only the row `id`, so the id is `"<session_id>:<qtype>+<qtype>..."`
+  (`conversation["metadata"]["id"]`); the file also has a `metadata` column with the qtypes, which the
   adapter drops today.
+
+Blind to the image, nothing beats chance by much: answers are dealt from shuffled decks or balanced by
+symmetry, and a session never asks what its earlier turns give away (see `_Knowledge`). `blind_baseline`
+measures the best text-only guess on held-out sessions; `chance_levels` gives the reference per qtype.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (226, 238, 228),
     (242, 230, 222),
 )
+BLANK_GREY = (128, 128, 128)
 OBJECT_JITTER = 12  # per-channel colour jitter of objects: variety without changing the colour's name
 BACKGROUND_JITTER = 6
 MIN_OBJECTS, MAX_OBJECTS = 1, 4
@@ -168,7 +173,7 @@ class Scene:
         return len(self.find(shape, colour))
 
     def find(self, shape: str | None = None, colour: str | None = None) -> list[SceneObject]:
-        return [o for o in self.objects if (shape is None or o.shape == shape) and (colour is None or o.colour == colour)]
+        return [o for o in self.objects if shape in (None, o.shape) and colour in (None, o.colour)]
 
 
 @dataclass
@@ -217,7 +222,10 @@ def _place(rng: random.Random, sides: list[int], size: int) -> list[tuple[int, i
         for _ in range(200):
             x, y = _snap(rng.randint(1, high)), _snap(rng.randint(1, high))
             x, y = min(max(x, 0), size - side), min(max(y, 0), size - side)
-            if all(x + side + GAP <= bx1 or bx2 + GAP <= x or y + side + GAP <= by1 or by2 + GAP <= y for bx1, by1, bx2, by2 in boxes):
+            if all(
+                x + side + GAP <= bx1 or bx2 + GAP <= x or y + side + GAP <= by1 or by2 + GAP <= y
+                for bx1, by1, bx2, by2 in boxes
+            ):
                 corners.append((x, y))
                 boxes.append((x, y, x + side, y + side))
                 break
@@ -528,7 +536,9 @@ def _two_image_session(rng: random.Random, decks: _Decks, session_id: str, size:
     """Two scenes, 1-2 turns; the image order is chosen so "first"/"second" stays balanced."""
     while True:
         a, b = make_scene(rng, size), make_scene(rng, size)
-        options: list[tuple[str, str | None]] = [(f"Which image has more {plural(s)}?", s) for s in SHAPES if a.count(s) != b.count(s)]
+        options: list[tuple[str, str | None]] = [
+            (f"Which image has more {plural(s)}?", s) for s in SHAPES if a.count(s) != b.count(s)
+        ]
         if len(a.objects) != len(b.objects):
             options.append(("Which image has more objects?", None))
         if options:
@@ -549,7 +559,8 @@ def _two_image_session(rng: random.Random, decks: _Decks, session_id: str, size:
     singles = [o for o in scene.objects if scene.count(o.shape) == 1]
     if singles and rng.random() < TWO_IMAGE_FOLLOW_UP:
         obj = rng.choice(singles)
-        turns.append(Turn(f"What colour is the {obj.shape} in the {('first', 'second')[index]} image?", obj.colour, "colour"))
+        question = f"What colour is the {obj.shape} in the {('first', 'second')[index]} image?"
+        turns.append(Turn(question, obj.colour, "colour"))
     return Session(session_id, "two_image", [a, b], turns)
 
 
@@ -802,7 +813,8 @@ def session_messages(session: Session, image_items: Sequence[dict[str, Any]] | N
         call_id = f"call_{index}"
         call = {"id": call_id, "type": "function", "function": dict(turn.tool_call)}
         messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
-        messages.append({"role": "tool", "tool_call_id": call_id, "name": turn.tool_call["name"], "content": turn.tool_result})
+        name = turn.tool_call["name"]
+        messages.append({"role": "tool", "tool_call_id": call_id, "name": name, "content": turn.tool_result})
         messages.append({"role": "assistant", "content": turn.answer})
     return messages
 
@@ -817,20 +829,45 @@ def qtypes_from_id(row_id: str) -> list[str]:
     return row_id.rsplit(":", 1)[-1].split("+")
 
 
+def to_conversation(session: Session) -> dict[str, Any]:
+    """The Conversation the adapters would read back from the written files (for in-memory use)."""
+    conversation: dict[str, Any] = {
+        "messages": session_messages(session),
+        "images": list(session.images),
+        "metadata": {
+            "format": "synthetic",
+            "session_id": session.session_id,
+            "kind": session.kind,
+            "qtypes": [t.qtype for t in session.turns],
+        },
+    }
+    if session.tools:
+        conversation["tools"] = session.tools
+    return conversation
+
+
+def blank_image(size: int = 96) -> Image.Image:
+    """Uniform grey (no object or background colour is near it): the image for the needs-the-image check."""
+    return Image.new("RGB", (size, size), BLANK_GREY)
+
+
 def conversation_qtypes(conversation: dict[str, Any]) -> list[str]:
-    """One qtype per user turn of a Conversation read back by either adapter."""
+    """One qtype per user turn of a Conversation read back by either adapter (or from `to_conversation`)."""
     meta = conversation.get("metadata") or {}
     if meta.get("format") == "cragmm":
         return [str(t["query_category"]) for t in meta["turns"]]
+    if meta.get("format") == "synthetic":
+        return list(meta["qtypes"])
     return qtypes_from_id(str(meta.get("id", "")))
 
 
 def write_messages(sessions: Sequence[Session], out_dir: str | Path, split: str) -> Path | None:
     """The two-image / tool-call sessions as `<split>-extra.jsonl`, images as PNGs in `<split>-images/`."""
     extra = [s for s in sessions if s.kind != "cragmm"]
-    if not extra:
-        return None
     out = Path(out_dir)
+    if not extra:
+        (out / f"{split}-extra.jsonl").unlink(missing_ok=True)  # never leave a stale file from an earlier run
+        return None
     image_dir = out / f"{split}-images"
     image_dir.mkdir(parents=True, exist_ok=True)
     path = out / f"{split}-extra.jsonl"
@@ -865,7 +902,9 @@ def write_cragmm(sessions: Sequence[Session], out_dir: str | Path, split: str) -
     out.mkdir(parents=True, exist_ok=True)
     rows = [cragmm_row(s) for s in sessions if s.kind == "cragmm"]
     path = out / f"{split}.parquet"
-    datasets.Dataset.from_list(rows, features=cragmm_features()).to_parquet(str(path))
+    features = cragmm_features()
+    columns = {name: [row[name] for row in rows] for name in features}  # from_dict: also fine with no rows
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
     write_messages(sessions, out, split)
     return path
 
@@ -904,6 +943,11 @@ def write_demo_dataset(
             "turns_per_session": [MIN_TURNS, MAX_TURNS],
         },
         "qtypes": list(QTYPES),
+        "qtype_location": {
+            "cragmm": 'metadata["turns"][i]["query_category"]',
+            "messages": 'metadata["id"] = "<session_id>:<qtype>+<qtype>..." (one per user turn)',
+        },
+        "grounding_score": "greedy one-to-one IoU matching, summed, divided by max(#predicted, #true) boxes",
         "seed": seed,
         "splits": {},
     }

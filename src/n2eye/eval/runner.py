@@ -40,7 +40,8 @@ class EvalConfig:
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
-    """The question type of the `turn_index`-th assistant turn, from the dataset's metadata."""
+    """The question type of the `turn_index`-th user turn, from the dataset's metadata (CRAG-MM per-turn labels,
+    or a `qtypes` list / `qtype` in a messages row's metadata)."""
     meta = conversation.get("metadata") or {}
     turns = meta.get("turns")
     if isinstance(turns, list) and turn_index < len(turns):
@@ -75,20 +76,27 @@ def _attach_images(messages: list[dict], images: list[Image.Image], blank: bool)
 def turn_requests(conversation: dict, blank: bool = False) -> list[dict[str, Any]]:
     """One request per assistant turn: the history before it, the reference answer (or tool calls), the type."""
     messages, _ = _attach_images(conversation["messages"], conversation.get("images") or [], blank)
-    requests, turn = [], 0
+    requests, user_turn = [], -1
     for index, message in enumerate(messages):
+        if message["role"] == "user":
+            user_turn += 1
         if message["role"] != "assistant":
             continue
+        if message.get("tool_calls"):
+            qtype = "tool_call"
+        elif index and messages[index - 1]["role"] == "tool":
+            qtype = "tool_answer"  # the answer written from a tool's result
+        else:
+            qtype = question_type(conversation, max(user_turn, 0))
         requests.append(
             {
                 "history": messages[:index],
                 "reference": message.get("content") or "",
                 "reference_tool_calls": message.get("tool_calls"),
-                "qtype": question_type(conversation, turn),
+                "qtype": qtype,
                 "tools": conversation.get("tools"),
             }
         )
-        turn += 1
     return requests
 
 

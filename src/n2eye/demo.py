@@ -1,0 +1,205 @@
+"""`n2eye demo`: train an N2-Eye from scratch on CPU in minutes, prove it learned to see, and show it.
+
+Steps (each resumable: run the same command again after an interruption):
+1. the synthetic shapes world (CRAG-MM v0.1.2 parquet + a messages JSONL for two-image and tool-call sessions);
+2. a small N2-Eye sized for CPU (no pretrained encoder exists offline, so the vision tower trains too);
+3. `n2eye train` on it (the real training path, checkpoints every few steps);
+4. `n2eye eval` on held-out sessions, again with every image blanked to grey (the text-prior baseline);
+5. a loss curve, a picture of held-out questions with answers and predicted boxes, a table beside chance,
+   one answer through `n2eye.load(...).chat`, and `result.json` (written last and atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import check_writable, default_generation_config, save_checkpoint
+
+
+@dataclass
+class DemoConfig:
+    """Options of `n2eye demo`."""
+
+    out: str = "n2eye-demo"
+    """Output folder (data, model, run, figures, result.json)."""
+    quick: bool = False
+    """A 2-minute version: smaller data and fewer steps (beats chance, does not reach the full targets)."""
+    seed: int = 0
+    """Seed for the world, the initialisation and training."""
+    steps: int = 0
+    """Training steps (0: the default for the mode)."""
+    restart: bool = False
+    """Start over instead of resuming an interrupted demo in --out."""
+
+
+# Sizes chosen to reach the targets within ~10 minutes on 2 CPU cores (see benchmarks/README.md).
+FULL = {"n_train": 6000, "n_heldout": 300, "steps": 1100, "batch_size": 24, "lr": 2e-3}
+QUICK = {"n_train": 1500, "n_heldout": 120, "steps": 220, "batch_size": 24, "lr": 3e-3}
+IMAGE_SIZE = 96
+
+
+def demo_model(tokenizer, seed: int):
+    """A CPU-sized N2-Eye: LFM2 (hidden 192, 6 layers) + SigLIP (96 px, patch 12, 64 tokens) + MLP projector."""
+    from transformers import Lfm2Config, SiglipImageProcessor, SiglipVisionConfig
+
+    from .build import add_special_tokens, make_config, make_processor
+    from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
+
+    add_special_tokens(tokenizer)
+    text_config = Lfm2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        block_auto_adjust_ff_dim=False,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        layer_types=["conv", "full_attention", "conv", "full_attention", "conv", "full_attention"],
+        max_position_embeddings=2048,
+        conv_L_cache=3,
+        tie_word_embeddings=True,
+    )
+    vision_config = SiglipVisionConfig(
+        image_size=IMAGE_SIZE, patch_size=12, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=384,
+    )  # fmt: skip
+    image_processor = SiglipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    config = make_config(text_config, vision_config, tokenizer, "mlp")
+    config.freeze_vision = False
+    torch.manual_seed(seed)
+    model = N2EyeForConditionalGeneration(config)
+    processor = make_processor(tokenizer, image_processor, config)
+    processor.default_system_prompt = ""  # short prompts: the demo trains and answers without a system message
+    return model, processor
+
+
+def _stage_done(path: Path) -> bool:
+    return (path / ".done").exists()
+
+
+def _mark_done(path: Path, info: dict | None = None) -> None:
+    (path / ".done").write_text(json.dumps(info or {}))
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Runs (or resumes) the demo and returns the result dict also written to out/result.json."""
+    from .data.synthetic import chance_levels, write_demo_dataset
+    from .eval.runner import EvalConfig, evaluate
+    from .eval.scoring import format_table
+    from .fixtures import train_tiny_tokenizer
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    settings = dict(QUICK if cfg.quick else FULL)
+    if cfg.steps:
+        settings["steps"] = cfg.steps
+    out = Path(cfg.out).expanduser().resolve()
+    check_writable(out / "model-init", need_bytes=200_000_000)
+    if cfg.restart and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = json.dumps({"settings": settings, "seed": cfg.seed}, sort_keys=True)
+    if (out / "settings.json").exists() and (out / "settings.json").read_text() != stamp:
+        raise ValueError(f"{out} holds a demo made with other settings; use --restart or another --out.")
+    (out / "settings.json").write_text(stamp)
+    (out / "result.json").unlink(missing_ok=True)  # a result is only ever the final one of a complete run
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    print("[1/5] shapes world")
+    data_dir = out / "data"
+    if not _stage_done(data_dir):
+        shutil.rmtree(data_dir, ignore_errors=True)
+        written = write_demo_dataset(data_dir, settings["n_train"], settings["n_heldout"], seed=cfg.seed, size=IMAGE_SIZE)
+        _mark_done(data_dir, {k: {kk: str(vv) for kk, vv in v.items()} for k, v in written.items()
+                              if k in ("train", "heldout")})  # fmt: skip
+    paths = json.loads((data_dir / ".done").read_text())
+    train_spec = ",".join(p for p in paths["train"].values() if p and p != "None")
+    heldout_spec = ",".join(p for p in paths["heldout"].values() if p and p != "None")
+    timings["data_s"] = time.perf_counter() - start
+
+    print("[2/5] model")
+    init_dir = out / "model-init"
+    if not _stage_done(init_dir):
+        tokenizer = train_tiny_tokenizer(out / "tokenizer")
+        model, processor = demo_model(tokenizer, cfg.seed)
+        save_checkpoint(model, processor, init_dir, default_generation_config(tokenizer))
+        _mark_done(init_dir)
+
+    print("[3/5] training (vision tower, projector and language model, from scratch)")
+    t0 = time.perf_counter()
+    run_dir = out / "run"
+    model_dir = run_dir / "final"
+    if not _stage_done(run_dir):
+        train(
+            TrainConfig(
+                model=str(init_dir), data=train_spec, out=str(run_dir), train="full", train_vision=True,
+                vision_lr=settings["lr"], lr=settings["lr"], max_steps=settings["steps"],
+                batch_size=settings["batch_size"], grad_accum=1, max_length=512, bf16=False,
+                gradient_checkpointing=False, warmup_ratio=0.05, weight_decay=0.01, logging_steps=max(1, min(10, settings["steps"] // 20)),
+                save_every=max(50, settings["steps"] // 5), save_total_limit=1, resume=True, seed=cfg.seed,
+                feature_cache=False,
+            )
+        )  # fmt: skip
+        _mark_done(run_dir)
+    timings["train_s"] = time.perf_counter() - t0
+
+    print("[4/5] held-out evaluation (real images, then every image blanked to grey)")
+    t0 = time.perf_counter()
+    from .infer.engine import load
+
+    engine = load(model_dir)
+    real = evaluate(EvalConfig(model=str(model_dir), data=heldout_spec, out=str(out / "eval.json")), engine)
+    blank = evaluate(
+        EvalConfig(model=str(model_dir), data=heldout_spec, out=str(out / "eval-blank.json"), blank_images=True),
+        engine,
+    )
+    timings["eval_s"] = time.perf_counter() - t0
+
+    print("[5/5] figures and one question through the Python API")
+    chance = chance_levels()
+    table = format_table(real["per_type"], chance, blank["per_type"])
+    from .demo_figures import draw_heldout_examples
+
+    example = draw_heldout_examples(engine, heldout_spec, out / "heldout_examples.png")
+    timings["total_s"] = time.perf_counter() - start
+    result = {
+        "config": asdict(cfg),
+        "settings": settings,
+        "per_type": real["per_type"],
+        "blanked_per_type": blank["per_type"],
+        "chance": chance,
+        "overall": real["overall"],
+        "model": str(model_dir),
+        "loss_curve": str(run_dir / "loss_curve.png"),
+        "examples_picture": str(out / "heldout_examples.png"),
+        "api_example": example,
+        "timings_s": timings,
+        "machine": _machine(),
+    }
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out / "result.json")
+    print()
+    print(table)
+    print(f"\nAsked through n2eye.load({str(model_dir)!r}).chat(...): {example['question']!r}")
+    print(f"  answer: {example['answer']!r}   (truth: {example['truth']!r})")
+    print(f"\nloss curve: {run_dir / 'loss_curve.png'}\nexamples:   {out / 'heldout_examples.png'}")
+    print(f"result:     {out / 'result.json'}   ({timings['total_s'] / 60:.1f} min)")
+    return result
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    return f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
