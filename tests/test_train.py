@@ -248,7 +248,8 @@ def test_train_config_from_yaml_and_checks(tmp_path):
 
     yaml_file = tmp_path / "recipe.yaml"
     yaml_file.write_text("model: m\ndata: d\nout: o\ntrain: lora\nlora_r: 8\n")
-    args = make_parser().parse_args(["train", "--config", str(yaml_file), "--lr", "1e-4", "--no-bf16"])
+    argv = ["train", "--config", str(yaml_file), "--lr", "1e-4", "--no-bf16"]
+    args = make_parser(argv).parse_args(argv)
     cfg = config_from_args(TrainConfig, args)
     assert (cfg.train, cfg.lora_r, cfg.lr, cfg.bf16, cfg.vision_lr) == ("lora", 8, 1e-4, False, 1e-5)
     defaults = TrainConfig(model="m", data="d", out="o")  # the N2-Eye card's recipe

@@ -268,3 +268,18 @@ def count_parameters(model) -> dict[str, int]:
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts
+
+
+def build_and_report(cfg: BuildConfig) -> Path:
+    """`n2eye build`: build, then print what was built."""
+    import json
+
+    out = build(cfg)
+    config = N2EyeConfig.from_pretrained(out)
+    text, vision = config.text_config, config.vision_config
+    print(f"Built N2-Eye checkpoint in {out}")
+    print(f"  language model: {text.model_type} hidden {text.hidden_size} x {text.num_hidden_layers} layers, vocab {text.vocab_size}")
+    print(f"  vision: {vision.model_type} {vision.image_size}px patch {vision.patch_size}; projector {config.projector_type}")
+    summary = json.loads((out / "n2eye_build.json").read_text())
+    print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in summary["parameters"].items()))
+    return out

@@ -1,118 +1,64 @@
-"""The `n2eye` command: one subcommand per job, each a thin call into a module (also callable from Python)."""
+"""The `n2eye` command: one subcommand per job, each a thin call into a module (also callable from Python).
+
+Every subcommand is a (config dataclass, function) pair: the dataclass is the flag and YAML schema, the function
+is the Python API. Only the chosen subcommand's module is imported, so `n2eye --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
+from typing import NamedTuple
 
 from .cli_args import add_dataclass_arguments, config_from_args
 
 
-def _cmd_build(args: argparse.Namespace) -> int:
-    from .build import BuildConfig, build, count_parameters
-
-    cfg = config_from_args(BuildConfig, args)
-    out = build(cfg)
-    from .modeling.configuration_n2eye import N2EyeConfig
-
-    config = N2EyeConfig.from_pretrained(out)
-    print(f"Built N2-Eye checkpoint in {out}")
-    print(
-        f"  language model: {config.text_config.model_type} hidden {config.text_config.hidden_size} x "
-        f"{config.text_config.num_hidden_layers} layers, vocab {config.text_config.vocab_size}"
-    )
-    print(
-        f"  vision: {config.vision_config.model_type} {config.vision_config.image_size}px patch "
-        f"{config.vision_config.patch_size}; projector {config.projector_type}"
-    )
-    summary = json.loads((out / "n2eye_build.json").read_text()) if (out / "n2eye_build.json").exists() else None
-    if summary:
-        print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in summary["parameters"].items()))
-    return 0
+class Command(NamedTuple):
+    help: str
+    module: str  # n2eye.<module>
+    config: str  # its config dataclass
+    run: str  # its entry function, taking the config
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .infer.generate import GenerateConfig, generate
-
-    print(generate(config_from_args(GenerateConfig, args)))
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .train.config import TrainConfig
-    from .train.trainer import train
-
-    train(config_from_args(TrainConfig, args))
-    return 0
+COMMANDS: dict[str, Command] = {
+    "build": Command("assemble a model from LFM2 + SigLIP backbones (or a preset) and save it", "build", "BuildConfig", "build_and_report"),
+    "demo": Command("train an N2-Eye from scratch on CPU, prove it learned, and show it", "demo", "DemoConfig", "run_demo"),
+    "train": Command("train on CRAG-MM or your own chat data (projector, full or LoRA)", "train.trainer", "TrainConfig", "train"),
+    "merge": Command("fold a LoRA adapter into a plain checkpoint", "train.merge", "MergeConfig", "merge_and_report"),
+    "eval": Command("score a model on held-out conversations, per question type", "eval.runner", "EvalConfig", "evaluate"),
+    "generate": Command("answer one prompt about one image", "infer.generate", "GenerateConfig", "generate_and_print"),
+}  # fmt: skip
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from .train.merge import MergeConfig, merge
-
-    print(f"Merged checkpoint: {merge(config_from_args(MergeConfig, args))}")
-    return 0
+def _module(command: Command):
+    return importlib.import_module(f"n2eye.{command.module}")
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.runner import EvalConfig, evaluate
-
-    cfg = config_from_args(EvalConfig, args)
-    evaluate(cfg)
-    print(f"results: {cfg.out}")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
-
-    run_demo(config_from_args(DemoConfig, args))
-    return 0
-
-
-def make_parser() -> argparse.ArgumentParser:
-    from .build import BuildConfig
-    from .infer.generate import GenerateConfig
-
+def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in `argv` gets its flags (and its module imported)."""
+    argv = sys.argv[1:] if argv is None else argv
+    selected = next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="n2eye", description="Build, train, evaluate and serve N2-Eye models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="assemble a model from LFM2 + SigLIP backbones (or a preset) and save it")
-    add_dataclass_arguments(p, BuildConfig)
-    p.set_defaults(func=_cmd_build)
-    from .demo import DemoConfig
-
-    p = sub.add_parser("demo", help="train an N2-Eye from scratch on CPU, prove it learned, and show it")
-    add_dataclass_arguments(p, DemoConfig)
-    p.set_defaults(func=_cmd_demo)
-    from .train.config import TrainConfig
-
-    p = sub.add_parser("train", help="train on CRAG-MM or your own chat data (projector, full or LoRA)")
-    add_dataclass_arguments(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
-    from .train.merge import MergeConfig
-
-    p = sub.add_parser("merge", help="fold a LoRA adapter into a plain checkpoint")
-    add_dataclass_arguments(p, MergeConfig)
-    p.set_defaults(func=_cmd_merge)
-    from .eval.runner import EvalConfig
-
-    p = sub.add_parser("eval", help="score a model on held-out conversations, per question type")
-    add_dataclass_arguments(p, EvalConfig)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("generate", help="answer one prompt about one image")
-    add_dataclass_arguments(p, GenerateConfig)
-    p.set_defaults(func=_cmd_generate)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if name == selected:
+            add_dataclass_arguments(p, getattr(_module(command), command.config))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = make_parser(argv).parse_args(argv)
+    command = COMMANDS[args.command]
+    module = _module(command)
     try:
-        return args.func(args)
+        getattr(module, command.run)(config_from_args(getattr(module, command.config), args))
     except (ValueError, OSError) as err:
         print(f"n2eye {args.command}: error: {err}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

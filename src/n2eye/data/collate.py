@@ -17,7 +17,7 @@ TOO_LONG = "too_long"
 IGNORE_INDEX = -100
 
 
-def _fill_images(messages: list[dict], images: list) -> list[dict]:
+def fill_images(messages: list[dict], images: list) -> list[dict]:
     """Puts the i-th image into the i-th `{"type": "image"}` placeholder so the processor can load it."""
     filled, index = [], 0
     for message in messages:
@@ -69,7 +69,7 @@ def encode_conversation(
     processor, conversation: dict[str, Any], max_length: int, last_turn_only: bool = False
 ) -> dict[str, Any]:
     """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits."""
-    messages = _fill_images(conversation["messages"], conversation.get("images") or [])
+    messages = fill_images(conversation["messages"], conversation.get("images") or [])
     out = processor.apply_chat_template(
         messages,
         tools=conversation.get("tools"),

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..data.collate import fill_images
 from .scoring import aggregate, format_table, score_turn
 
 
@@ -53,29 +54,12 @@ def question_type(conversation: dict, turn_index: int) -> str:
     return str(meta.get("qtype") or "all")
 
 
-def _attach_images(messages: list[dict], images: list[Image.Image], blank: bool) -> tuple[list[dict], int]:
-    """Fills `{"type": "image"}` placeholders in order; returns the messages and how many images were used."""
-    out, used = [], 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                if isinstance(item, dict) and item.get("type") == "image" and len(item) == 1:
-                    image = images[used]
-                    if blank:
-                        image = Image.new("RGB", image.size, (128, 128, 128))
-                    item = {"type": "image", "image": image}
-                    used += 1
-                items.append(item)
-            message = {**message, "content": items}
-        out.append(message)
-    return out, used
-
-
 def turn_requests(conversation: dict, blank: bool = False) -> list[dict[str, Any]]:
     """One request per assistant turn: the history before it, the reference answer (or tool calls), the type."""
-    messages, _ = _attach_images(conversation["messages"], conversation.get("images") or [], blank)
+    images = conversation.get("images") or []
+    if blank:
+        images = [Image.new("RGB", image.size, (128, 128, 128)) for image in images]
+    messages = fill_images(conversation["messages"], images)
     requests, user_turn = [], -1
     for index, message in enumerate(messages):
         if message["role"] == "user":
@@ -149,4 +133,5 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)
     print(format_table(summary["per_type"]))
+    print(f"results: {out}")
     return result

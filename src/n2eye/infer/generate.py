@@ -64,3 +64,9 @@ def generate(cfg: GenerateConfig) -> str:
     with torch.inference_mode():
         out = model.generate(**inputs, **options)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def generate_and_print(cfg: GenerateConfig) -> str:
+    answer = generate(cfg)
+    print(answer)
+    return answer

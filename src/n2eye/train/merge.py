@@ -42,3 +42,9 @@ def merge(cfg: MergeConfig) -> Path:
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     processor = N2EyeProcessor.from_pretrained(base, trust_remote_code=True)
     return save_checkpoint(merged, processor, cfg.out, generation_config=merged.generation_config)
+
+
+def merge_and_report(cfg: MergeConfig) -> Path:
+    out = merge(cfg)
+    print(f"Merged checkpoint: {out}")
+    return out
