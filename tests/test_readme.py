@@ -54,6 +54,14 @@ def test_main_command_and_python_example(tmp_path):
     assert (run / "final" / "model.safetensors").exists() and (run / "loss_curve.png").exists()
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses[-1] < losses[0] / 2, losses
+    evaluate = block_after("eval-command")
+    result = subprocess.run(n2eye + shlex.split(evaluate)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((run / "eval.json").read_text())["per_type"].keys() == {"colour", "shape"}
+    api = tmp_path / "api.py"
+    api.write_text(block_after("python-api"))
+    result = subprocess.run([sys.executable, str(api)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
     ddp = shlex.split(block_after("ddp-command"))
     assert ddp[:2] == ["accelerate", "launch"]
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *ddp[2:]], cwd=tmp_path,

@@ -324,3 +324,15 @@ def test_several_specs_in_one_run(tiny_checkpoint, tmp_path):
     run_train(tiny_checkpoint, f"{first},{second}", tmp_path / "run", max_steps=1, max_samples=0)
     result = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert result["train_conversations"] == 5 and result["skipped"]["skipped"] == 3
+
+
+def test_vision_tower_gets_its_own_learning_rate(tiny_checkpoint):
+    from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
+    from n2eye.train.modes import configure_trainable, parameter_groups
+
+    model = configure_trainable(N2EyeForConditionalGeneration.from_pretrained(tiny_checkpoint), "projector", True)
+    groups = parameter_groups(model, lr=1e-3, vision_lr=1e-5)
+    vision_ids = {id(p) for p in model.model.vision_tower.parameters()}
+    assert [g["lr"] for g in groups] == [1e-3, 1e-5]
+    assert {id(p) for p in groups[1]["params"]} == vision_ids
+    assert not vision_ids & {id(p) for p in groups[0]["params"]}
