@@ -85,3 +85,44 @@ def test_chat_message_parses_tool_calls(eye, monkeypatch):
     message = eye.chat_message([{"role": "user", "content": "price?"}])
     assert message["tool_calls"][0]["function"]["name"] == "lookup"
     assert message["content"] == ""
+
+
+def test_generate_jsonl_requests_with_a_bad_line(trained_tiny, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "What colour is the shape?", "image": str(EXAMPLES / "red_circle.png")},
+        {"oops": "no prompt"},
+        {"messages": [{"role": "user", "content": "Hello"}]},
+        {"prompt": "What colour?", "image": str(tmp_path / "missing.png")},
+    ]) + "\n")  # fmt: skip
+    out = tmp_path / "results.jsonl"
+    result = subprocess.run([sys.executable, "-m", "n2eye.cli", "generate", "--model", str(trained_tiny),
+                             "--requests", str(requests), "--out", str(out), "--temperature", "0",
+                             "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [1, 2, 3, 4]
+    assert "answer" in records[0] and "answer" in records[2]
+    assert "prompt" in records[1]["error"] and "does not exist" in records[3]["error"]
+    assert "4 results" in result.stdout and "2 errors" in result.stdout
+
+
+def test_terminal_chat_commands_and_streaming(trained_tiny):
+    import io
+
+    from n2eye.infer.chat import ChatConfig, chat
+
+    script = io.StringIO(
+        f"/image {EXAMPLES / 'green_square.png'}\nWhat colour is the shape?\nWhich shape is it?\n"
+        "/image /no/such/file.png\nAnd this one?\n/system Answer briefly.\nHi\n/reset\n/quit\n"
+    )
+    output = io.StringIO()
+    answers = chat(ChatConfig(model=str(trained_tiny), max_new_tokens=4, temperature=0), stdin=script, stdout=output)
+    text = output.getvalue()
+    assert answers == 3
+    assert text.count("n2eye> ") == 4 and "(error:" in text and "system: Answer briefly." in text
+    assert "(new chat)" in text

@@ -27,7 +27,8 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train on CRAG-MM or your own chat data (projector, full or LoRA)", "train.trainer", "TrainConfig", "train"),
     "merge": Command("fold a LoRA adapter into a plain checkpoint", "train.merge", "MergeConfig", "merge_and_report"),
     "eval": Command("score a model on held-out conversations, per question type", "eval.runner", "EvalConfig", "evaluate"),
-    "generate": Command("answer one prompt about one image", "infer.generate", "GenerateConfig", "generate_and_print"),
+    "generate": Command("answer a prompt (and image), or a JSONL file of requests", "infer.generate", "GenerateConfig", "generate_and_print"),
+    "chat": Command("chat in the terminal (/image, /system, /reset), answers streamed", "infer.chat", "ChatConfig", "chat"),
 }  # fmt: skip
 
 

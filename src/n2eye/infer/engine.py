@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TextStreamer
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
 
@@ -162,6 +163,20 @@ class N2Eye:
         return ChatSession(self, system=system, tools=tools)
 
 
+class CallbackStreamer(TextStreamer):
+    """Feeds the generated text to a callback as it is decoded (end/pad tokens dropped)."""
+
+    def __init__(self, tokenizer, callback):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        for token in END_TOKENS:
+            text = text.replace(token, "")
+        if text:
+            self.callback(text)
+
+
 class ChatSession:
     """A conversation whose model state (LFM2 KV + conv cache) is kept between turns.
 
@@ -187,8 +202,9 @@ class ChatSession:
             self.messages, tools=self.tools, add_generation_prompt=add_generation_prompt, tokenize=False
         )
 
-    def send(self, content: str | list[dict], **options: Any) -> str:
-        """Adds a user turn (text or content items with images), generates, keeps the answer in the history."""
+    def send(self, content: str | list[dict], on_text=None, **options: Any) -> str:
+        """Adds a user turn (text or content items with images), generates, keeps the answer in the history.
+        `on_text(chunk)` is called with the answer's text as it is generated (streaming)."""
         engine = self.engine
         self.messages.append({"role": "user", "content": content})
         full = self._render(add_generation_prompt=True)
@@ -214,12 +230,14 @@ class ChatSession:
         cache = self.cache if self.cache is not None else DynamicCache(config=engine.model.config)
         seen = cache.get_seq_length()
         self.prefilled_tokens += input_ids.shape[1] - seen
+        streamer = CallbackStreamer(engine.tokenizer, on_text) if on_text else None
         with engine._lock, torch.inference_mode():
             out = engine.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 past_key_values=cache,
                 vision_features=inputs.get("vision_features"),
+                streamer=streamer,
                 **engine.generation_options(**options),
             )
         answer_ids = out[0, input_ids.shape[1] :]

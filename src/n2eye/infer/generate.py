@@ -1,8 +1,11 @@
-"""`n2eye generate`: one image + prompt -> answer, through the same path a transformers user takes."""
+"""`n2eye generate`: one image + prompt, or a JSONL file of requests, through `n2eye.load` (the one code path)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,29 +16,32 @@ class GenerateConfig:
 
     model: str
     """Checkpoint folder (or hub id) made by `n2eye build` / `n2eye train`."""
-    prompt: str
-    """The user's question."""
+    prompt: str | None = None
+    """The user's question (one request)."""
     image: str | None = None
-    """Image path, http(s) URL or data URI (optional: text-only prompts work too)."""
+    """Image path, http(s) URL or data URI for --prompt (optional: text-only prompts work too)."""
     system: str | None = None
     """System prompt (default: the checkpoint's default system prompt)."""
+    requests: str | None = None
+    """JSONL file of requests, one per line: {"prompt", "image"?, "system"?} or {"messages": [...]}."""
+    out: str | None = None
+    """JSONL file for the results of --requests (default: print them)."""
+    batch_size: int = 8
+    """Requests generated together with --requests."""
     max_new_tokens: int = 64
     """Most tokens to generate."""
-    do_sample: bool | None = None
-    """Sample instead of greedy decoding (default: the checkpoint's generation_config)."""
     temperature: float | None = None
-    """Sampling temperature (default: the checkpoint's, 0.1 for LFM2-VL settings)."""
+    """Sampling temperature; 0 for greedy (default: the checkpoint's generation_config, 0.1)."""
+    min_p: float | None = None
+    """Min-p sampling threshold (default: the checkpoint's, 0.15)."""
+    repetition_penalty: float | None = None
+    """Repetition penalty (default: the checkpoint's, 1.05)."""
     seed: int = 0
     """Random seed for sampling."""
 
-
-def load(path: str, dtype: torch.dtype | None = None):
-    """Loads model and processor exactly as a transformers user would (`trust_remote_code=True`)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    return model.eval(), processor
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.requests is None):
+            raise ValueError("Give either --prompt (one request) or --requests FILE.jsonl.")
 
 
 def build_messages(prompt: str, image: str | None = None, system: str | None = None) -> list[dict]:
@@ -45,28 +51,69 @@ def build_messages(prompt: str, image: str | None = None, system: str | None = N
     return messages + [{"role": "user", "content": content}]
 
 
-def generate(cfg: GenerateConfig) -> str:
-    """Returns the model's answer to one prompt (and image)."""
-    model, processor = load(cfg.model)
-    inputs = processor.apply_chat_template(
-        build_messages(cfg.prompt, cfg.image, cfg.system),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    options = {"max_new_tokens": cfg.max_new_tokens}
-    if cfg.do_sample is not None:
-        options["do_sample"] = cfg.do_sample
-    if cfg.temperature is not None:
-        options["temperature"] = cfg.temperature
+def request_messages(request: dict[str, Any], line: int) -> list[dict]:
+    if "messages" in request:
+        return request["messages"]
+    if "prompt" not in request:
+        raise ValueError(f"line {line}: a request needs 'prompt' (and optional 'image', 'system') or 'messages'.")
+    return build_messages(request["prompt"], request.get("image"), request.get("system"))
+
+
+def generate(cfg: GenerateConfig) -> str | list[dict]:
+    """The answer to --prompt, or the list of results of --requests (also written to --out)."""
+    from tqdm.auto import tqdm
+
+    from .engine import load
+
+    options = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "min_p": cfg.min_p,
+               "repetition_penalty": cfg.repetition_penalty}  # fmt: skip
     torch.manual_seed(cfg.seed)
-    with torch.inference_mode():
-        out = model.generate(**inputs, **options)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    if cfg.prompt is not None:
+        return load(cfg.model).chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
+    lines = [line for line in Path(cfg.requests).read_text().splitlines() if line.strip()]
+    requests = []
+    for number, line in enumerate(lines, 1):
+        try:
+            requests.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{cfg.requests} line {number} is not JSON: {err}") from err
+    engine = load(cfg.model)
+    results = []
+    for start in tqdm(range(0, len(requests), cfg.batch_size), desc="generate", unit="batch"):
+        chunk = requests[start : start + cfg.batch_size]
+        batch, indices = [], []
+        for offset, request in enumerate(chunk):
+            try:
+                batch.append(request_messages(request, start + offset + 1))
+                indices.append(offset)
+            except ValueError as err:  # one bad request never stops the file
+                results.append({"line": start + offset + 1, "error": str(err)})
+        try:
+            answers = engine.generate_batch(batch, **options) if batch else []
+        except ValueError as err:  # e.g. an unreadable image: answer the others one by one
+            answers = []
+            for messages in batch:
+                try:
+                    answers.append(engine.chat(messages, **options))
+                except ValueError as single:
+                    answers.append({"error": str(single)})
+        for offset, answer in zip(indices, answers):
+            record = {"line": start + offset + 1, **({"answer": answer} if isinstance(answer, str) else answer)}
+            results.append(record)
+    results.sort(key=lambda r: r["line"])
+    if cfg.out:
+        Path(cfg.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    return results
 
 
-def generate_and_print(cfg: GenerateConfig) -> str:
-    answer = generate(cfg)
-    print(answer)
-    return answer
+def generate_and_print(cfg: GenerateConfig) -> str | list[dict]:
+    result = generate(cfg)
+    if isinstance(result, str):
+        print(result)
+    elif not cfg.out:
+        for record in result:
+            print(json.dumps(record, ensure_ascii=False))
+    else:
+        errors = sum("error" in r for r in result)
+        print(f"{len(result)} results in {cfg.out} ({errors} errors)")
+    return result
