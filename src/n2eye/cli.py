@@ -28,6 +28,7 @@ COMMANDS: dict[str, Command] = {
     "merge": Command("fold a LoRA adapter into a plain checkpoint", "train.merge", "MergeConfig", "merge_and_report"),
     "eval": Command("score a model on held-out conversations, per question type", "eval.runner", "EvalConfig", "evaluate"),
     "generate": Command("answer a prompt (and image), or a JSONL file of requests", "infer.generate", "GenerateConfig", "generate_and_print"),
+    "serve": Command("OpenAI-compatible HTTP server with a web chat page", "infer.server", "ServeConfig", "serve"),
     "chat": Command("chat in the terminal (/image, /system, /reset), answers streamed", "infer.chat", "ChatConfig", "chat"),
 }  # fmt: skip
 

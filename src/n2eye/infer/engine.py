@@ -131,14 +131,41 @@ class N2Eye:
         self, conversations: list[list[dict]], tools: list[dict] | None = None, **options: Any
     ) -> list[str]:
         """Answers several conversations in one left-padded `generate` call."""
+        return [c["text"] for c in self.complete_batch(conversations, tools, **options)]
+
+    def complete_batch(
+        self, conversations: list[list[dict]], tools: list[dict] | None = None, **options: Any
+    ) -> list[dict[str, Any]]:
+        """Like `generate_batch`, with token counts and why each answer stopped ("stop" or "length")."""
         if not conversations:
             return []
         self.tokenizer.padding_side = "left"
         inputs = self._model_inputs(self._encode(conversations, tools))
+        options = self.generation_options(**options)
         with self._lock, torch.inference_mode():
-            out = self.model.generate(**inputs, **self.generation_options(**options))
+            out = self.model.generate(**inputs, **options)
         prompt = inputs["input_ids"].shape[1]
-        return [self.decode(row[prompt:]) for row in out]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        results = []
+        for row, n_prompt in zip(out, prompt_tokens):
+            generated = [int(t) for t in row[prompt:]]
+            pad = self.tokenizer.pad_token_id
+            while generated and generated[-1] == pad:  # rows that ended early are padded
+                generated.pop()
+            ended = bool(generated) and generated[-1] in self._end_ids
+            results.append(
+                {
+                    "text": self.decode(generated),
+                    "prompt_tokens": int(n_prompt),
+                    "completion_tokens": len(generated),
+                    "finish_reason": "stop" if ended or len(generated) < options["max_new_tokens"] else "length",
+                }
+            )
+        return results
+
+    def count_prompt_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """Tokens the conversation takes as a prompt, image tokens included."""
+        return int(self._encode(messages, tools)["input_ids"].shape[1])
 
     def _stream(self, inputs: dict, options: dict) -> Iterator[str]:
         from transformers import TextIteratorStreamer
