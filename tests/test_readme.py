@@ -62,6 +62,34 @@ def test_main_command_and_python_example(tmp_path):
     api.write_text(block_after("python-api"))
     result = subprocess.run([sys.executable, str(api)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copy(ROOT / "examples" / "requests.jsonl", tmp_path / "examples" / "requests.jsonl")
+    generate = block_after("generate-command")
+    result = subprocess.run(n2eye + shlex.split(generate)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 3
+    chat = subprocess.run(n2eye + ["chat", "--model", "tiny-n2eye", "--max-new-tokens", "4"], cwd=tmp_path,
+                          input="/image docs/example.png\nHi\n/quit\n", capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert chat.returncode == 0 and chat.stdout.count("n2eye> ") == 1, chat.stderr[-2000:]
+    serve = shlex.split(block_after("serve-command"))
+    server = subprocess.Popen(n2eye + serve[1:], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+        import urllib.request
+
+        for _ in range(240):
+            try:
+                urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        client = tmp_path / "client.py"
+        client.write_text(block_after("openai-example"))
+        result = subprocess.run([sys.executable, str(client)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "prompt_tokens" in result.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     ddp = shlex.split(block_after("ddp-command"))
     assert ddp[:2] == ["accelerate", "launch"]
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *ddp[2:]], cwd=tmp_path,
