@@ -126,3 +126,12 @@ def test_terminal_chat_commands_and_streaming(trained_tiny):
     assert answers == 3
     assert text.count("n2eye> ") == 4 and "(error:" in text and "system: Answer briefly." in text
     assert "(new chat)" in text
+
+
+def test_chat_fills_image_placeholders_from_images(eye):
+    placeholder = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    by_argument = eye.chat(placeholder, images=[_image("yellow_circle.png")], temperature=0, max_new_tokens=4)
+    inline = eye.chat(_question("yellow_circle.png"), temperature=0, max_new_tokens=4)
+    assert by_argument == inline
+    with pytest.raises(ValueError, match="image"):
+        eye.chat(placeholder, images=[], temperature=0, max_new_tokens=4)

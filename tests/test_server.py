@@ -142,6 +142,11 @@ def test_tool_call_round_trip(engine, monkeypatch):
 def test_every_bad_input_gets_a_4xx_and_the_server_goes_on(server):
     big = "data:image/png;base64," + base64.b64encode(b"\x89PNG" + b"0" * 25_000_000).decode()
     not_image = "data:image/png;base64," + base64.b64encode(b"hello, not an image").decode()
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (5000, 4000)).save(buffer, format="PNG")  # 20 M pixels in a few kB: over the pixel cap
+    too_many_pixels = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     image = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]  # noqa: E731
     cases = [
         (b"{not json", 400, None),
@@ -150,6 +155,7 @@ def test_every_bad_input_gets_a_4xx_and_the_server_goes_on(server):
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
         ({"messages": image(not_image)}, 400, "invalid_image"),
         ({"messages": image(big)}, 400, "invalid_image"),
+        ({"messages": image(too_many_pixels)}, 400, "invalid_image"),
         ({"messages": image(f"http://127.0.0.1:{server.port}/secret.png")}, 400, "private_url"),
         ({"messages": image("/etc/passwd")}, 400, None),
         ({"messages": image(data_uri("red_circle.png")) * 9}, 400, None),
@@ -210,6 +216,7 @@ def test_bounded_load_no_errors_and_memory_back(server):
     print(f"64 requests, 8 concurrent: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
     gc.collect()
     grown = process.memory_info().rss - start_rss
+    print(f"server process RSS after the load: {grown / 2**20:+.0f} MiB from the start")
     assert grown < 150 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
 
 

@@ -22,7 +22,7 @@ NO_ASSISTANT_TURN = "no_assistant_turn"
 MALFORMED_ROW = "malformed_row"
 
 
-class SkipRow(Exception):
+class SkipRow(ValueError):
     """Raised by an adapter for a row it cannot use; `iter_conversations` records it and goes on."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

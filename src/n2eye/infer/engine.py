@@ -108,9 +108,20 @@ class N2Eye:
         )
 
     # ---- one-shot ------------------------------------------------------------------------------------------------
-    def chat(self, messages: list[dict], tools: list[dict] | None = None, stream: bool = False, **options: Any):
-        """Answers a conversation (HF chat messages, images as content items). Returns the text, or an iterator of
-        text chunks with `stream=True`."""
+    def chat(
+        self,
+        messages: list[dict],
+        images: list | None = None,
+        tools: list[dict] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ):
+        """Answers a conversation (HF chat messages, images as content items, or `{"type": "image"}` placeholders
+        filled in order from `images`). Returns the text, or an iterator of text chunks with `stream=True`."""
+        if images:
+            from ..data.collate import fill_images
+
+            messages = fill_images(messages, list(images))
         inputs = self._model_inputs(self._encode(messages, tools))
         if stream:
             return self._stream(inputs, self.generation_options(**options))
@@ -118,9 +129,11 @@ class N2Eye:
             out = self.model.generate(**inputs, **self.generation_options(**options))
         return self.decode(out[0, inputs["input_ids"].shape[1] :])
 
-    def chat_message(self, messages: list[dict], tools: list[dict] | None = None, **options: Any) -> dict[str, Any]:
+    def chat_message(
+        self, messages: list[dict], images: list | None = None, tools: list[dict] | None = None, **options: Any
+    ) -> dict[str, Any]:
         """An OpenAI-style assistant message: content plus parsed `tool_calls`."""
-        text = self.chat(messages, tools=tools, **options)
+        text = self.chat(messages, images=images, tools=tools, **options)
         content, calls = self.processor.parse_tool_calls(text)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:

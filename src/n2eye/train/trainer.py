@@ -77,14 +77,10 @@ class StreamingExamples(torch.utils.data.IterableDataset):
             yield example
 
 
-def attach_cached_features(model, examples: list[dict], cache_dir: str | None) -> None:
+def attach_cached_features(cache, examples: list[dict]) -> None:
     """Replaces each example's pixel_values with cached vision-tower grids (computed now if new)."""
     from tqdm.auto import tqdm
 
-    from ..build import cache_dir as default_cache_dir
-    from .feature_cache import VisionFeatureCache
-
-    cache = VisionFeatureCache(model, cache_dir or default_cache_dir() / "features")
     for example in tqdm(examples, desc="vision feature cache", unit="conv"):
         pixels = example.pop("pixel_values", None)
         if pixels is not None and len(pixels):
@@ -222,6 +218,44 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     )
 
 
+def make_feature_cache(model, cfg: TrainConfig):
+    """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off."""
+    if not cfg.feature_cache or cfg.train_vision:
+        return None
+    from ..build import cache_dir as default_cache_dir
+    from .feature_cache import VisionFeatureCache
+
+    return VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features")
+
+
+def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport):
+    """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator."""
+    cache = make_feature_cache(model, cfg)
+    if cfg.streaming:
+        from ..data.formats import load_many
+
+        load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
+        train_set = StreamingExamples(processor, cfg, report, cache)
+    else:
+        train_set = encode_dataset(
+            processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report
+        )
+        print(f"train: {len(train_set)} conversations; {report.summary()}")
+    eval_set = None
+    if cfg.eval_data:
+        eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
+    if cache is not None:
+        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []))
+    collator = Collator(processor.tokenizer.pad_token_id)
+    n_conversations = None if cfg.streaming else len(train_set)
+    if cfg.pack:
+        train_set = pack_examples(train_set, cfg.max_length)
+        eval_set = pack_examples(eval_set, cfg.max_length) if eval_set else eval_set
+        collator = PackedCollator(processor.tokenizer.pad_token_id)
+        print(f"packing: {n_conversations} conversations in {len(train_set)} rows of <= {cfg.max_length} tokens")
+    return train_set, eval_set, collator, n_conversations
+
+
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Runs `n2eye train`; returns the folder of the final model (out/final, or out/merged for --merge)."""
     out = Path(cfg.out)
@@ -233,40 +267,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     n_bytes = sum(p.numel() for p in model.parameters()) * 2  # a bf16-or-better copy per checkpoint
     check_writable(out / "final", need_bytes=n_bytes)
 
-    report = SkipReport()
-    if cfg.streaming:
-        from ..data.formats import load_many
-
-        load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
-        cache = None
-        if cfg.feature_cache and not cfg.train_vision:
-            from ..build import cache_dir as default_cache_dir
-            from .feature_cache import VisionFeatureCache
-
-            cache = VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features")
-        train_set = StreamingExamples(processor, cfg, report, cache)
-    else:
-        train_set = encode_dataset(
-            processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report
-        )
-    eval_report = SkipReport()
-    eval_set = (
-        encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
-        if cfg.eval_data
-        else None
-    )
-    if not cfg.streaming:
-        print(f"train: {len(train_set)} conversations; {report.summary()}")
-        if cfg.feature_cache and not cfg.train_vision:
-            attach_cached_features(model, train_set + (eval_set or []), cfg.feature_cache_dir)
-
-    collator = Collator(processor.tokenizer.pad_token_id)
-    n_conversations = None if cfg.streaming else len(train_set)
-    if cfg.pack:
-        train_set = pack_examples(train_set, cfg.max_length)
-        eval_set = pack_examples(eval_set, cfg.max_length) if eval_set else eval_set
-        collator = PackedCollator(processor.tokenizer.pad_token_id)
-        print(f"packing: {n_conversations} conversations in {len(train_set)} rows of <= {cfg.max_length} tokens")
+    report, eval_report = SkipReport(), SkipReport()
+    train_set, eval_set, collator, n_conversations = prepare_datasets(cfg, processor, model, report, eval_report)
 
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
     model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
@@ -293,7 +295,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     )
     trainer.train(resume_from_checkpoint=resume_from)
     if eval_set is not None:
-        trainer.log(trainer.evaluate())
+        trainer.evaluate()  # logged (metrics.jsonl, loss curve) by the callbacks
 
     final_model = trainer.model
     target = out / ("adapter" if cfg.train == "lora" and not cfg.merge else "merged" if cfg.train == "lora" else "final")
