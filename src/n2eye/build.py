@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from .checkpoint import check_writable, default_generation_config, save_checkpoint
+from .fixtures.tokenizer import LFM2_SPECIAL_TOKENS
 from .modeling.configuration_n2eye import (
     SUPPORTED_PROJECTOR_TYPES,
     SUPPORTED_TEXT_MODEL_TYPES,
@@ -33,16 +34,9 @@ from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from .modeling.processing_n2eye import N2EyeProcessor
 from .presets import get_preset, load_bundled_json
 
-# Tokens N2-Eye needs; added when the LM's tokenizer lacks them (LFM2 has the tool tokens, not the image ones).
+# Tokens N2-Eye needs; added when the LM's tokenizer lacks them (LFM2 has the chat and tool tokens, not the image ones).
 REQUIRED_SPECIAL_TOKENS = (
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|tool_list_start|>",
-    "<|tool_list_end|>",
-    "<|tool_call_start|>",
-    "<|tool_call_end|>",
-    "<|tool_response_start|>",
-    "<|tool_response_end|>",
+    *LFM2_SPECIAL_TOKENS[LFM2_SPECIAL_TOKENS.index("<|im_start|>") :],
     "<image>",
     "<|image_start|>",
     "<|image_end|>",

@@ -171,7 +171,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     if held_out:
         ax.plot(*zip(*held_out), "o-", label="held-out loss", color="tab:orange")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_ylabel("loss (assistant tokens, log scale)")
+    ax.set_yscale("log")  # the late, small gains (learning to use the image) stay visible
     ax.set_title("N2-Eye training")
     ax.grid(alpha=0.3)
     ax.legend()
