@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from n2eye.data import synthetic as S
+from n2eye.eval import scoring
 from n2eye.data.formats import load_conversations
 
 
@@ -213,9 +214,9 @@ def test_grounding_answers_parse_and_match_the_objects(sessions):
         for d, o in zip(data, objects):
             assert all(abs(a - b) < 0.0051 for a, b in zip(d["bbox"], o.bbox_norm))
         assert [d["bbox"][0] for d in data] == sorted(d["bbox"][0] for d in data)
-        assert S.grounding_score(turn.answer, turn.answer) == 1.0
+        assert scoring.grounding_score(turn.answer, turn.answer)["iou"] == 1.0
     assert seen > 100
-    assert S.grounding_score("not json", '[{"label": "circle", "bbox": [0.1, 0.1, 0.3, 0.3]}]') == 0.0
+    assert scoring.grounding_score("not json", '[{"label": "circle", "bbox": [0.1, 0.1, 0.3, 0.3]}]')["iou"] == 0.0
 
 
 def test_cragmm_parquet_reads_back_through_the_adapter(tmp_path):

@@ -134,13 +134,20 @@ def vision_config_of(config) -> object:
 def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     """Loads the vision tower (from a full SigLIP checkpoint or a vision-only one) and its image processor."""
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     check_source(name_or_path, "--vision", "google/siglip2-so400m-patch14-384")
-    vision_config = vision_config_of(AutoConfig.from_pretrained(name_or_path))
-    model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
-    vision = getattr(model, "vision_model", model)
+    # Only the vision tower is built and loaded; a dual encoder's text half is skipped, so its warnings (the
+    # "unexpected keys" report, SigLIP text-config token ids) are expected and silenced.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        vision_config = vision_config_of(AutoConfig.from_pretrained(name_or_path))
+        vision = AutoModel.from_pretrained(name_or_path, config=vision_config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if not isinstance(vision, PreTrainedModel) or vision.config.model_type != vision_config.model_type:
-        raise ValueError(f"Could not find a vision tower in {name_or_path} ({type(model).__name__}).")
+        raise ValueError(f"Could not find a vision tower in {name_or_path} ({type(vision).__name__}).")
     image_processor = AutoImageProcessor.from_pretrained(name_or_path)
     return vision, image_processor
 

@@ -37,6 +37,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from ..eval import scoring
+
 # ------------------------------------------------------------------------------------------- the world
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -616,46 +618,16 @@ def make_sessions(
 
 
 # ------------------------------------------------------------------------------------------- scoring
+# Grounding is scored with the same functions as `n2eye eval`, so chance levels and results compare.
 
 
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def _boxes(answer: str) -> list[list[float]]:
+    return [box["bbox"] for box in scoring.parse_boxes(answer) or []]
 
 
-def parse_boxes(text: str) -> list[tuple[str, list[float]]] | None:
-    """[(label, bbox)] from a grounding answer, or None when it is not the expected JSON."""
-    try:
-        data = json.loads(text)
-        return [(str(item["label"]), [float(v) for v in item["bbox"]][:4]) for item in data if len(item["bbox"]) == 4]
-    except (ValueError, TypeError, KeyError):
-        return None
-
-
-def grounding_score(prediction: str | list[Sequence[float]], target: str) -> float:
-    """Greedy one-to-one IoU matching, summed and divided by max(#pred, #target): extra or missed boxes cost."""
-    gt = [box for _, box in parse_boxes(target) or []]
-    if isinstance(prediction, str):
-        parsed = parse_boxes(prediction)
-        if parsed is None:
-            return 0.0
-        pred = [box for _, box in parsed]
-    else:
-        pred = [list(box) for box in prediction]
-    if not gt and not pred:
-        return 1.0
-    pairs = sorted(((box_iou(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)), reverse=True)
-    used_p, used_g, total = set(), set(), 0.0
-    for iou, i, j in pairs:
-        if i in used_p or j in used_g:
-            continue
-        used_p.add(i)
-        used_g.add(j)
-        total += iou
-    return total / max(len(pred), len(gt))
+def _fixed_box_score(box: Sequence[float], target: str) -> float:
+    """Grounding score of always answering one fixed box."""
+    return scoring.grounding_score([{"label": "", "bbox": list(box)}], target)["iou"]
 
 
 def _all_turns(sessions: Iterable[Session]) -> Iterable[Turn]:
@@ -672,12 +644,12 @@ def turn_label(turn: Turn) -> str:
 
 def _best_fixed_box_score(targets: list[str]) -> float:
     """Expected grounding score of the best single fixed box (the mean box, or a centred square)."""
-    boxes = [box for t in targets for _, box in parse_boxes(t) or []]
+    boxes = [box for t in targets for box in _boxes(t)]
     if not boxes:
         return 0.0
     mean = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)]
     guesses = [mean] + [[0.5 - h, 0.5 - h, 0.5 + h, 0.5 + h] for h in (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)]
-    return max(sum(grounding_score([g], t) for t in targets) / len(targets) for g in guesses)
+    return max(sum(_fixed_box_score(g, t) for t in targets) / len(targets) for g in guesses)
 
 
 def chance_levels(sessions: Sequence[Session] | None = None) -> dict[str, float]:
@@ -717,7 +689,7 @@ def blind_baseline(train: Sequence[Session], evaluate: Sequence[Session]) -> dic
     train_boxes: dict[str, list[list[float]]] = defaultdict(list)
     for turn in _all_turns(train):
         if turn.qtype == "grounding":
-            train_boxes[turn.question] += [box for _, box in parse_boxes(turn.answer) or []]
+            train_boxes[turn.question] += _boxes(turn.answer)
             continue
         by_text[turn.question][turn_label(turn)] += 1
         by_type[turn.qtype][turn_label(turn)] += 1
@@ -727,7 +699,7 @@ def blind_baseline(train: Sequence[Session], evaluate: Sequence[Session]) -> dic
         if turn.qtype == "grounding":
             boxes = train_boxes.get(turn.question) or all_boxes
             guess = [sum(b[i] for b in boxes) / len(boxes) for i in range(4)] if boxes else [0.25, 0.25, 0.75, 0.75]
-            scores["grounding"].append(grounding_score([guess], turn.answer))
+            scores["grounding"].append(_fixed_box_score(guess, turn.answer))
             continue
         counter = by_text.get(turn.question) or by_type.get(turn.qtype) or Counter()
         guess = counter.most_common(1)[0][0] if counter else ""
@@ -947,7 +919,7 @@ def write_demo_dataset(
             "cragmm": 'metadata["turns"][i]["query_category"]',
             "messages": 'metadata["id"] = "<session_id>:<qtype>+<qtype>..." (one per user turn)',
         },
-        "grounding_score": "greedy one-to-one IoU matching, summed, divided by max(#predicted, #true) boxes",
+        "grounding_score": "n2eye.eval.scoring.grounding_score: optimal one-to-one IoU matching, summed, divided by max(#predicted, #true) boxes",
         "seed": seed,
         "splits": {},
     }

@@ -18,7 +18,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from n2eye.modeling.tool_calls import TOOL_CALL_END, TOOL_CALL_START, ToolCallParseError, parse_tool_calls
+from n2eye.modeling.tool_calls import (
+    TOOL_CALL_END,
+    TOOL_CALL_START,
+    ToolCallParseError,
+    call_name_and_arguments,
+    parse_tool_calls,
+)
 
 __all__ = [
     "normalize_answer",
@@ -280,34 +286,13 @@ def grounding_score(prediction: Any, reference: Any) -> dict[str, Any]:
 _BARE_CALL_LIST = re.compile(r"^\[\s*[A-Za-z_][\w.]*\s*\(.*\)\s*\]$", re.DOTALL)
 
 
-def _call_name_args(call: Any) -> tuple[str, dict[str, Any]]:
-    """(name, arguments dict) from an OpenAI-style or bare call; arguments may be a dict, a JSON string or missing."""
-    if not isinstance(call, Mapping):
-        raise ValueError(f"A tool call must be a dict, got {type(call).__name__}: {call!r:.200}")
-    fn = call["function"] if "function" in call else call
-    name = fn.get("name") if isinstance(fn, Mapping) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"A tool call needs a function name: {call!r:.200}")
-    arguments = fn.get("arguments")
-    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
-        return name, {}
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"Arguments of tool call {name!r} are not valid JSON ({e}): {arguments!r:.200}") from e
-    if not isinstance(arguments, Mapping):
-        raise ValueError(f"Arguments of tool call {name!r} must be a JSON object: {arguments!r:.200}")
-    return name, dict(arguments)
-
-
 def _predicted_calls(prediction: Any) -> list[tuple[str, dict[str, Any]]] | None:
     """Calls in a generation (text or already-parsed calls); None when they are malformed."""
     if not isinstance(prediction, str):
         if isinstance(prediction, Mapping):  # a single call
             prediction = [prediction]
         try:
-            return [_call_name_args(call) for call in prediction or []]
+            return [call_name_and_arguments(call) for call in prediction or []]
         except (ValueError, TypeError):
             return None
     try:
@@ -317,7 +302,7 @@ def _predicted_calls(prediction: Any) -> list[tuple[str, dict[str, Any]]] | None
             _, calls = parse_tool_calls(f"{TOOL_CALL_START}{stripped}{TOOL_CALL_END}")
     except ToolCallParseError:
         return None
-    return [_call_name_args(call) for call in calls]
+    return [call_name_and_arguments(call) for call in calls]
 
 
 def _values_match(predicted: Any, reference: Any) -> bool:
@@ -378,7 +363,7 @@ def tool_call_score(prediction: Any, reference_calls: Any) -> dict[str, Any]:
     """
     if isinstance(reference_calls, str):
         _, reference_calls = parse_tool_calls(reference_calls)
-    references = [_call_name_args(call) for call in reference_calls or []]
+    references = [call_name_and_arguments(call) for call in reference_calls or []]
     predicted = _predicted_calls(prediction)
     if predicted is None:
         return {"name_match": 0.0, "args_match": 0.0, "parsed": False}

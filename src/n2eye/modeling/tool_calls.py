@@ -92,6 +92,12 @@ def _arguments_dict(name: str, arguments: Any) -> dict[str, Any]:
     return arguments
 
 
+def call_name_and_arguments(tool_call: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, arguments dict) of an OpenAI-style or bare call; arguments may be a dict, a JSON string or missing."""
+    name, arguments = _call_parts(tool_call)
+    return name, _arguments_dict(name, arguments)
+
+
 def format_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
     """Render tool calls as the chat template does: ``<|tool_call_start|>[f(a="x", n=2)]<|tool_call_end|>``.
 
@@ -102,8 +108,7 @@ def format_tool_calls(tool_calls: list[dict[str, Any]]) -> str:
         return ""
     rendered = []
     for tool_call in tool_calls:
-        name, arguments = _call_parts(tool_call)
-        arguments = _arguments_dict(name, arguments)
+        name, arguments = call_name_and_arguments(tool_call)
         args = ", ".join(f"{key}={_json_value(value)}" for key, value in arguments.items())
         rendered.append(f"{name}({args})")
     return f"{TOOL_CALL_START}[{', '.join(rendered)}]{TOOL_CALL_END}"
