@@ -22,6 +22,11 @@ from transformers import TextStreamer
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's bytes whatever its dtype (numpy has no bfloat16)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 class VisionGridCache:
     """Bounded LRU of vision-tower grids keyed by the preprocessed pixels."""
 
@@ -32,7 +37,7 @@ class VisionGridCache:
         self.encoded = 0  # images that actually went through the vision tower
 
     def grids(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        keys = [hashlib.sha256(p.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for p in pixel_values]
+        keys = [hashlib.sha256(_raw_bytes(p)).hexdigest() for p in pixel_values]
         missing = [i for i, k in enumerate(keys) if k not in self.items]
         if missing:
             with torch.no_grad():

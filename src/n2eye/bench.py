@@ -1,0 +1,305 @@
+"""`n2eye bench`: inference figures side by side with plain transformers, in one run, on one machine.
+
+Every record is `{"name", "unit", "ours", "reference", "ratio", "bound"}` (ratio = ours / reference, higher is
+better for rates, `ratio` < 1 is better for times, see `unit`). Decode records also give `bound`: the share of
+the machine's measured memory read bandwidth that the decode reaches (weights read per token x tokens/s),
+and `logit_max_abs_diff` against bf16 for the quantized paths. The models are random-init at the preset's exact
+shapes (no download): `tiny` in seconds, `n2eye-1.3b` (LFM2-1.2B + so400m shapes) in minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .infer.decode import greedy_decode
+from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
+
+
+@dataclass
+class BenchConfig:
+    """Options of `n2eye bench`."""
+
+    out: str = "bench.json"
+    """Result JSON (a list of records); the markdown table and the PNG chart go beside it."""
+    preset: str = "tiny"
+    """Model shapes: tiny or n2eye-1.3b (random init, no download)."""
+    new_tokens: int = 32
+    """Tokens generated per decode measurement."""
+    prompt_tokens: int = 64
+    """Prompt length for the decode figures (the prefill figure uses 8x this)."""
+    repeats: int = 3
+    """Timed repetitions per figure (the best is kept)."""
+    quantize: str = "int8,int4"
+    """Quantized decode paths to measure (comma-separated; empty for none)."""
+    threads: int = 0
+    """torch threads (0: all cores)."""
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm-up (allocations, lazy init)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """GB/s of a streaming read (sum over a float32 buffer far larger than the caches), best of `repeats`."""
+    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
+    seconds = _best(lambda: x.sum(), repeats)
+    return x.numel() * 4 / seconds / 1e9
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of LM weights one decode step reads: every linear layer of the LM and the output head."""
+    root = model.get_language_model() if hasattr(model, "get_language_model") else model
+    modules = list(root.modules())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and all(head is not m for m in modules):
+        modules.append(head)
+    total = 0
+    for m in modules:
+        if isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif isinstance(m, (Int8Linear, Int4Linear)):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
+    return total
+
+
+def _record(name: str, unit: str, ours: float, reference: float | None, **extra: Any) -> dict[str, Any]:
+    ratio = ours / reference if reference else None
+    return {"name": name, "unit": unit, "ours": ours, "reference": reference, "ratio": ratio, "bound": None, **extra}
+
+
+def _reference_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, repetition_penalty=1.0)  # fmt: skip
+    return out[:, ids.shape[1]:]
+
+
+def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+
+
+def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, Any]]:
+    """decode_bf16 (our loop) and decode_int8/int4 (our loop on quantized weights), each against plain
+    transformers `generate` in bf16 on the same weights."""
+    torch.manual_seed(0)
+    vocab = model.config.text_config.vocab_size
+    ids = torch.randint(20, vocab, (1, cfg.prompt_tokens))
+    n = cfg.new_tokens
+    ref_s = _best(lambda: _reference_greedy(model, ids, n), cfg.repeats)
+    ref_tps = n / ref_s
+    base_logits = _last_logits(model, ids)
+    records = []
+    variants = [("bf16", model)] + [(b, None) for b in cfg.quantize.split(",") if b.strip()]
+    for bits, variant in variants:
+        if variant is None:
+            variant = copy.deepcopy(model)
+            quantize_language_model(variant, bits.strip())
+        ours_s = _best(lambda: greedy_decode(variant, ids, n, end_ids=()), cfg.repeats)
+        tps = n / ours_s
+        bytes_per_token = weight_bytes_per_token(variant)
+        record = _record(f"decode_{bits.strip()}", "tokens/s", tps, ref_tps)
+        record["bound"] = tps * bytes_per_token / 1e9 / bandwidth
+        record["weight_bytes_per_token"] = bytes_per_token
+        record["logit_max_abs_diff"] = float((_last_logits(variant, ids) - base_logits).abs().max())
+        record["logit_scale"] = float(base_logits.abs().max())
+        records.append(record)
+        if variant is not model:
+            del variant
+    return records
+
+
+def prefill_record(model, cfg: BenchConfig) -> dict[str, Any]:
+    """Prompt tokens/s: our prefill (logits of the last position only) against a plain forward."""
+    torch.manual_seed(1)
+    ids = torch.randint(20, model.config.text_config.vocab_size, (1, cfg.prompt_tokens * 8))
+
+    def ours():
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1)
+
+    def reference():
+        with torch.inference_mode():
+            model(input_ids=ids)
+
+    n = ids.shape[1]
+    return _record("prefill_bf16", "tokens/s", n / _best(ours, cfg.repeats), n / _best(reference, cfg.repeats))
+
+
+def _example_image(size: int = 384):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((20, 20, size // 2, size // 2), fill=(220, 40, 40))
+    draw.rectangle((size // 2, size // 2, size - 20, size - 20), fill=(40, 90, 220))
+    return image
+
+
+def ttft_records(engine, turns: int = 5) -> list[dict[str, Any]]:
+    """Time to first token of each turn of a 5-turn image chat: our cached session (only the new turn runs)
+    against a plain transformers re-prefill of the whole conversation with the image encoded again."""
+    image = _example_image()
+    questions = ["What do you see?", "What colour is the circle?", "And the square?", "Which is bigger?",
+                 "Where is the circle?"][:turns]  # fmt: skip
+    warm = engine.session()  # first calls pay one-off costs (allocations, lazy init); not a turn's figure
+    warm.send([{"type": "image", "image": image}, {"type": "text", "text": "Hi"}], max_new_tokens=1, temperature=0)
+    session = engine.session()
+    records = []
+    for i, question in enumerate(questions, start=1):
+        content = [{"type": "image", "image": image}, {"type": "text", "text": question}] if i == 1 else question
+        start = time.perf_counter()
+        session.send(content, max_new_tokens=1, temperature=0)
+        ours = time.perf_counter() - start
+        history = session.messages[:-1]  # the conversation up to this turn's question
+        start = time.perf_counter()
+        inputs = engine.processor.apply_chat_template(history, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, return_tensors="pt")  # fmt: skip
+        inputs.pop("assistant_masks", None)
+        with torch.inference_mode():
+            engine.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        reference = time.perf_counter() - start
+        records.append(_record(f"ttft_turn{i}", "s", ours, reference, prompt_tokens=int(inputs["input_ids"].shape[1])))
+    return records
+
+
+def vision_record(engine, repeats: int) -> dict[str, Any]:
+    """Images/s through the vision tower + projector (ours: the engine's encode on new images; reference: the
+    model's get_image_features)."""
+    pixels = engine.processor.image_processor(images=[_example_image()], return_tensors="pt")["pixel_values"]
+
+    def ours():
+        engine.vision_cache.items.clear()  # a new image each time, as in a new chat
+        with torch.inference_mode():
+            engine.vision_cache.grids(pixels)
+
+    def reference():
+        with torch.inference_mode():
+            engine.model.get_image_features(pixels)
+
+    return _record("vision_encode", "images/s", 1 / _best(ours, repeats), 1 / _best(reference, repeats))
+
+
+def peak_rss_record() -> dict[str, Any]:
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return _record("peak_rss", "MiB", kib / 1024, None)
+
+
+def machine_name() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def markdown_table(records: list[dict[str, Any]], machine: str, preset: str) -> str:
+    def fmt(v):
+        return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = [f"`n2eye bench --preset {preset}` on {machine}", "",
+             "| record | unit | ours | plain transformers | ratio | share of memory bandwidth |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        bound = "" if r.get("bound") is None else f"{100 * r['bound']:.0f}%"
+        lines.append(f"| {r['name']} | {r['unit']} | {fmt(r['ours'])} | {fmt(r['reference'])} | {fmt(r['ratio'])} | {bound} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_ratios(records: list[dict[str, Any]], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    shown = [r for r in records if r.get("ratio")]
+    speedups = [r["ratio"] if r["unit"] != "s" else 1 / r["ratio"] for r in shown]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
+    ax.barh([r["name"] for r in shown], speedups, color=["#2a7" if s >= 1 else "#c44" for s in speedups])
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("speed-up over plain transformers (x)")
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+    for y, s in enumerate(speedups):
+        ax.text(s, y, f" {s:.2f}x", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def check_output_file(out: Path) -> None:
+    """Fails before minutes of measuring when OUT can't be written."""
+    if out.is_dir():
+        raise OSError(f"--out {out} is a folder; give a file name such as bench.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_suffix(out.suffix + ".probe")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"--out {out} can't be written ({error.strerror}); choose another path") from error
+
+
+def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Runs every figure, writes OUT (JSON), OUT.md and OUT.png; returns the records."""
+    from .build import build_random
+    from .infer.engine import N2Eye
+
+    out = Path(cfg.out).expanduser().resolve()
+    check_output_file(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    machine = machine_name()
+    print(f"n2eye bench on {machine}")
+    bandwidth = memory_read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s")
+    model, processor = build_random(cfg.preset)
+    model = model.to(torch.bfloat16).eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    records = [_record("memory_read_bandwidth", "GB/s", bandwidth, None)]
+    steps = [("decode", lambda: decode_records(model, cfg, bandwidth)),
+             ("prefill", lambda: [prefill_record(model, cfg)]),
+             ("time to first token, 5-turn chat", lambda: ttft_records(N2Eye(model, processor))),
+             ("vision encode", lambda: [vision_record(N2Eye(model, processor), cfg.repeats)])]  # fmt: skip
+    for label, step in steps:
+        print(f"- {label}")
+        for record in step():
+            records.append(record)
+            print(f"  {record['name']}: ours {record['ours']:.4g} {record['unit']}, reference "
+                  f"{record['reference'] if record['reference'] is None else format(record['reference'], '.4g')}"
+                  f", ratio {record['ratio'] if record['ratio'] is None else format(record['ratio'], '.2f')}")  # fmt: skip
+    records.append(peak_rss_record())
+    for r in records:
+        r["preset"], r["machine"] = cfg.preset, machine
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(records, indent=2) + "\n")
+    tmp.replace(out)
+    table = markdown_table(records, machine, cfg.preset)
+    out.with_suffix(".md").write_text(table)
+    plot_ratios(records, out.with_suffix(".png"), f"n2eye bench --preset {cfg.preset}: {machine}")
+    print(table)
+    print(f"results: {out} (table {out.with_suffix('.md')}, chart {out.with_suffix('.png')})")
+    return records
