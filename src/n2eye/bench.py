@@ -64,7 +64,7 @@ def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of LM weights one decode step reads: every linear layer of the LM and the output head."""
-    root = model.get_language_model() if hasattr(model, "get_language_model") else model
+    root = getattr(model, "language_model", model)  # N2-Eye: the LFM2 body; a plain LM: itself
     modules = list(root.modules())
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and all(head is not m for m in modules):

@@ -66,13 +66,25 @@ class N2Eye:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None) -> N2Eye:
-        """Loads a checkpoint folder or hub id exactly as transformers users do (trust_remote_code)."""
+    def load(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: str | None = None,
+        quantize: str | None = None,
+    ) -> N2Eye:
+        """Loads a checkpoint folder or hub id exactly as transformers users do (trust_remote_code).
+        `quantize="int8"` or `"int4"` swaps the LM's linear layers for weight-only kernels (CPU; opt-in because
+        it changes the numbers: see benchmarks/README.md)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
         if device:
             model.to(device)
+        if quantize:
+            from .quantize import quantize_language_model
+
+            quantize_language_model(model, quantize)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         return cls(model, processor)
 
@@ -308,6 +320,8 @@ class ChatSession:
         raise ValueError("An image item needs one of: image, url, path, base64 (or an OpenAI image_url).")
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None) -> N2Eye:
-    """`n2eye.load(path)`: the model and processor behind one object."""
-    return N2Eye.load(path, dtype=dtype, device=device)
+def load(
+    path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None, quantize: str | None = None
+) -> N2Eye:
+    """`n2eye.load(path)`: the model and processor behind one object (`quantize="int8"|"int4"`: opt-in)."""
+    return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize)

@@ -2,8 +2,9 @@
 
 Why: CPU decoding is bound by memory traffic; every token reads every LM weight once. int8 halves the bytes of
 bf16 and int4 quarters them, so decode gets faster by about that factor while activations stay in bf16.
-The matmuls are PyTorch's own weight-only kernels (`torch._weight_int8pack_mm`, per output channel scales;
-`torch._weight_int4pack_mm_for_cpu`, asymmetric groups along the input dimension). The vision tower and the
+Decode rows go through our AVX-512 VNNI kernels (`n2eye.kernels`, activations quantized to int8 blocks of 32 on
+the fly) where the CPU has them, else through PyTorch's weight-only kernels (`torch._weight_int8pack_mm`, per
+output channel scales; `torch._weight_int4pack_mm_for_cpu`, asymmetric groups along the input dimension). The vision tower and the
 projector run once per image and stay as they are. Quantization changes numbers, so it is opt-in
 (`n2eye.load(path, quantize="int8")`); `benchmarks/README.md` gives its logit error and speed.
 """
@@ -14,35 +15,59 @@ import torch
 from torch import nn
 
 BITS = ("int8", "int4")
-INT4_GROUP = 64
+INT4_GROUP = 32
+
+
+FAST_MAX_ROWS = 8  # up to this many activation rows (decode, small batches) use the matrix-vector kernels
+
+
+def _kernels():
+    from ..kernels import gemv
+
+    return gemv()
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + bias with q int8 [out, in] and one bf16 scale per output channel."""
+    """y = x @ (q * scale).T + bias with q int8 [out, in] and one scale per output channel.
+
+    With our kernels (`n2eye.kernels`, AVX-512 VNNI) q is stored offset to uint8 (q + 128) and decode rows go
+    through them; more rows (prefill) use the dequantized weight in one matmul. Without them,
+    `torch._weight_int8pack_mm` does all of it."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("qweight", torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(dtype))
+        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features, self.dtype = linear.in_features, linear.out_features, dtype
+        self.fast = _kernels() is not None and self.in_features % 32 == 0
+        self.register_buffer("qweight", (q.to(torch.int16) + 128).to(torch.uint8) if self.fast else q)
+        self.register_buffer("scale", scale if self.fast else scale.to(dtype))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
-        self.dtype = dtype
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale.float()[:, None]
+        q = self.qweight.to(torch.int16) - 128 if self.fast else self.qweight
+        return q.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.dtype), self.qweight, self.scale)
+        rows = x.reshape(-1, shape[-1])
+        if not self.fast:
+            out = torch._weight_int8pack_mm(rows.to(self.dtype), self.qweight, self.scale)
+        elif rows.shape[0] <= FAST_MAX_ROWS:
+            out = _kernels().int8_gemv(rows, self.qweight, self.scale).to(self.dtype)
+        else:
+            out = nn.functional.linear(rows.to(self.dtype), self.dequantized().to(self.dtype))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit groups of `group_size` input channels: w = q * scale + min, q in 0..15."""
+    """Asymmetric 4-bit groups of `group_size` input channels: w = q * scale + min, q in 0..15.
+
+    Our kernels take groups of 32 packed in pairs (low nibbles: group 2k, high nibbles: group 2k + 1) with fp16
+    scale/min [out, groups]; otherwise the weights are packed for `torch._weight_int4pack_mm_for_cpu`."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -54,18 +79,43 @@ class Int4Linear(nn.Module):
         scale = (high - low).clamp(min=1e-8) / 15.0
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         self.in_features, self.out_features, self.group_size, self.dtype = in_f, out_f, group_size, dtype
-        self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.reshape(out_f, in_f), 2))
-        # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2].
-        self.register_buffer(
-            "scales_and_zeros", torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
-        )
+        self.fast = _kernels() is not None and group_size == 32 and in_f % 64 == 0
+        if self.fast:
+            pairs = q.to(torch.uint8).reshape(out_f, in_f // 64, 2, 32)
+            self.register_buffer("qweight", (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous())
+            self.register_buffer("scales", scale.to(torch.float16).contiguous())
+            self.register_buffer("mins", low.to(torch.float16).contiguous())
+        else:
+            self.register_buffer("qweight", torch._convert_weight_to_int4pack_for_cpu(q.reshape(out_f, in_f), 2))
+            # The kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale; layout [groups, out, 2].
+            self.register_buffer(
+                "scales_and_zeros", torch.stack([scale, low + 8 * scale], -1).transpose(0, 1).contiguous().to(dtype)
+            )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
+
+    def dequantized(self) -> torch.Tensor:
+        if not self.fast:
+            eye = torch.eye(self.in_features, dtype=self.dtype)
+            return self._stock(eye).float().T
+        packed = self.qweight.reshape(self.out_features, self.in_features // 64, 32)
+        q = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 32).float()
+        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def _stock(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(
+            rows.to(self.dtype).contiguous(), self.qweight, self.group_size, self.scales_and_zeros
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        out = torch._weight_int4pack_mm_for_cpu(
-            x.reshape(-1, shape[-1]).to(self.dtype).contiguous(), self.qweight, self.group_size, self.scales_and_zeros
-        )
+        rows = x.reshape(-1, shape[-1])
+        if not self.fast:
+            out = self._stock(rows)
+        elif rows.shape[0] <= FAST_MAX_ROWS:
+            out = _kernels().int4_gemv(rows, self.qweight, self.scales, self.mins).to(self.dtype)
+        else:
+            out = nn.functional.linear(rows.to(self.dtype), self.dequantized().to(self.dtype))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
@@ -80,7 +130,7 @@ def quantize_language_model(model: nn.Module, bits: str, group_size: int = INT4_
         raise ValueError(f"quantize must be one of {', '.join(BITS)}, got {bits!r}")
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("weight-only int8/int4 here uses PyTorch's CPU kernels; load the model on the CPU")
-    root = model.get_language_model() if hasattr(model, "get_language_model") else model
+    root = getattr(model, "language_model", model)  # N2-Eye: the LFM2 body; a plain LM: itself
     targets: list[tuple[nn.Module, str, nn.Linear]] = [
         (parent, name, child)
         for parent in root.modules()

@@ -1,0 +1,191 @@
+// Weight-only int8 / int4 matrix-vector products for CPU decoding (AVX-512 VNNI, threads over output rows).
+// Why: decode reads every weight once per token, so its speed is weight bytes over memory bandwidth. PyTorch's
+// stock weight-only kernels widen every weight to fp32 and stream at about half the bandwidth for one row of
+// activations. Here the activations are quantized to int8 in blocks of 32 (one fp32 scale each, as llama.cpp's
+// Q8_0), and VNNI's u8 x s8 dot product (vpdpbusd) takes 32 weights per instruction, so the loop is bound by
+// memory, not arithmetic.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+struct QuantizedRows {  // activations [m, in] as int8 blocks of 32 with one scale per block
+  std::vector<int8_t> q;
+  std::vector<float> scale;    // [m, blocks]
+  std::vector<int32_t> qsum;   // [m, blocks]: sum of the block's int8 values
+  std::vector<float> sum;      // [m, blocks]: sum of the block's original values
+  std::vector<float> qsumf;    // qsum as float
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t m, int64_t in) {
+  const int64_t blocks = in / kBlock;
+  QuantizedRows r{std::vector<int8_t>(m * in), std::vector<float>(m * blocks), std::vector<int32_t>(m * blocks),
+                  std::vector<float>(m * blocks), std::vector<float>(m * blocks)};
+  for (int64_t b = 0; b < m * blocks; ++b) {
+    const float* v = x + b * kBlock;
+    float amax = 0.f, total = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      amax = std::max(amax, std::fabs(v[i]));
+      total += v[i];
+    }
+    const float s = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t qs = 0;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      const int8_t q = static_cast<int8_t>(std::lrintf(v[i] * inv));
+      r.q[b * kBlock + i] = q;
+      qs += q;
+    }
+    r.scale[b] = s;
+    r.qsum[b] = qs;
+    r.qsumf[b] = static_cast<float>(qs);
+    r.sum[b] = total;
+  }
+  return r;
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// int8: weights stored as u8 = q + 128; dot(q + 128, xq) = dot(q, xq) + 128 * sum(xq). The correction does not
+// depend on the row, so it is computed once per activation row (`correction`). `lanes` holds each block's scale
+// spread over the 8 int32 lanes its 32 bytes produce, so a 64-byte step needs one multiply-add.
+void int8_rows(const QuantizedRows& x, const std::vector<float>& lanes, const std::vector<float>& correction,
+               int64_t m, int64_t in, const uint8_t* w, const float* scale, float* y, int64_t out, int64_t begin,
+               int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = w + o * in;
+    for (int64_t r = 0; r < m; ++r) {
+      const int8_t* xq = x.q.data() + r * in;
+      const float* lr = lanes.data() + r * (in / 4);
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 128 <= in; i += 128) {
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + i), _mm512_loadu_si512(xq + i));
+        __m512i d1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + i + 64),
+                                         _mm512_loadu_si512(xq + i + 64));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(lr + i / 4), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(lr + i / 4 + 16), acc1);
+      }
+      for (; i + 64 <= in; i += 64) {
+        __m512i d0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(row + i), _mm512_loadu_si512(xq + i));
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(lr + i / 4), acc0);
+      }
+      float total = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+      for (; i < in; i += kBlock) {  // a last lone block of 32
+        __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i)),
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + i)));
+        total += hsum8(_mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(lr + i / 4)));
+      }
+      y[r * out + o] = (total - 128.f * correction[r]) * scale[o];
+    }
+  }
+}
+
+// int4 in pairs of groups of 32: 32 bytes hold 64 weights, low nibbles = group 2k (its 32 weights in order),
+// high nibbles = group 2k + 1; w = q * scale + low with q in 0..15 and fp16 scale/low [out, groups].
+// Computed as (q - 8) * scale + (low + 8 * scale): the int8 rounding of the activations then meets zero-mean
+// weights, instead of adding the same offset (7.5 x the rounding error of the block sum) to every output.
+void int4_rows(const QuantizedRows& x, int64_t m, int64_t in, const uint8_t* w, const at::Half* scale,
+               const at::Half* low, float* y, int64_t out, int64_t begin, int64_t end) {
+  const int64_t groups = in / kBlock;
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  std::vector<float> factor(groups);
+  for (int64_t o = begin; o < end; ++o) {
+    const uint8_t* row = w + o * (in / 2);
+    const at::Half* s_row = scale + o * groups;
+    const at::Half* l_row = low + o * groups;
+    for (int64_t r = 0; r < m; ++r) {
+      const int8_t* xq = x.q.data() + r * in;
+      const float* xs = x.scale.data() + r * groups;
+      const float* xsum = x.sum.data() + r * groups;
+      const float* xqsum = x.qsumf.data() + r * groups;
+      __m512 lows = _mm512_setzero_ps(), centre = _mm512_setzero_ps();
+      int64_t g = 0;
+      for (; g + 16 <= groups; g += 16) {
+        __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_row + g)));
+        __m512 l16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l_row + g)));
+        __m512 f16 = _mm512_mul_ps(s16, _mm512_loadu_ps(xs + g));
+        _mm512_storeu_ps(factor.data() + g, f16);
+        centre = _mm512_fmadd_ps(f16, _mm512_loadu_ps(xqsum + g), centre);
+        lows = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_set1_ps(8.f), s16, l16), _mm512_loadu_ps(xsum + g), lows);
+      }
+      float low_term = _mm512_reduce_add_ps(lows) - 8.f * _mm512_reduce_add_ps(centre);
+      for (; g < groups; ++g) {
+        const float sg = static_cast<float>(s_row[g]);
+        factor[g] = sg * xs[g];
+        low_term += (static_cast<float>(l_row[g]) + 8.f * sg) * xsum[g] - 8.f * factor[g] * xqsum[g];
+      }
+      __m512 acc = _mm512_setzero_ps();
+      for (g = 0; g + 2 <= groups; g += 2) {
+        __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * 16));
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, mask)),
+                                       _mm256_and_si256(_mm256_srli_epi16(b, 4), mask), 1);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xq + g * kBlock));
+        __m512 f = _mm512_insertf32x8(_mm512_set1_ps(factor[g]), _mm256_set1_ps(factor[g + 1]), 1);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc);
+      }
+      y[r * out + o] = _mm512_reduce_add_ps(acc) + low_term;
+    }
+  }
+}
+
+int64_t grain(int64_t out) { return std::max<int64_t>(16, out / (4 * at::get_num_threads())); }
+
+}  // namespace
+
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous() && w.dim() == 2, "w: contiguous uint8 [out, in] (q + 128)");
+  const int64_t out = w.size(0), in = w.size(1);
+  TORCH_CHECK(in % kBlock == 0, "in_features must be a multiple of 32");
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t m = xf.numel() / in;
+  auto xq = quantize_rows(xf.data_ptr<float>(), m, in);
+  std::vector<float> lanes(m * in / 4), correction(m, 0.f);
+  for (int64_t b = 0; b < m * (in / kBlock); ++b) {
+    for (int64_t j = 0; j < 8; ++j) lanes[b * 8 + j] = xq.scale[b];
+    correction[b / (in / kBlock)] += xq.scale[b] * static_cast<float>(xq.qsum[b]);
+  }
+  auto sc = scale.to(torch::kFloat).contiguous();
+  auto y = torch::empty({m, out}, xf.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, grain(out), [&](int64_t b, int64_t e) {
+    int8_rows(xq, lanes, correction, m, in, wp, sp, yp, out, b, e);
+  });
+  return y;
+}
+
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, torch::Tensor low) {
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.is_contiguous(), "w: contiguous uint8 [out, in / 2]");
+  TORCH_CHECK(scale.dtype() == torch::kHalf && low.dtype() == torch::kHalf, "scale/low: fp16 [out, in / 32]");
+  const int64_t out = w.size(0), in = w.size(1) * 2;
+  TORCH_CHECK(in % 64 == 0, "in_features must be a multiple of 64 (pairs of int4 groups of 32)");
+  auto xf = x.to(torch::kFloat).contiguous();
+  const int64_t m = xf.numel() / in;
+  auto xq = quantize_rows(xf.data_ptr<float>(), m, in);
+  auto sc = scale.contiguous();
+  auto lo = low.contiguous();
+  auto y = torch::empty({m, out}, xf.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const at::Half* sp = sc.data_ptr<at::Half>();
+  const at::Half* lp = lo.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, grain(out), [&](int64_t b, int64_t e) { int4_rows(xq, m, in, wp, sp, lp, yp, out, b, e); });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("int8_gemv", &int8_gemv, "y = x @ ((w - 128) * scale).T; x quantized to int8 blocks of 32");
+  m.def("int4_gemv", &int4_gemv, "y = x @ (q * scale + low).T, int4 groups of 32; x quantized to int8 blocks");
+}
