@@ -56,8 +56,9 @@ class Int8Linear(nn.Module):
             out = torch._weight_int8pack_mm(rows.to(self.dtype), self.qweight, self.scale)
         elif rows.shape[0] <= FAST_MAX_ROWS:
             out = _kernels().int8_gemv(rows, self.qweight, self.scale).to(self.dtype)
-        else:
-            out = nn.functional.linear(rows.to(self.dtype), self.dequantized().to(self.dtype))
+        else:  # prefill: PyTorch's matrix kernel on the signed view (q + 128 with its top bit flipped is q)
+            signed = torch.bitwise_xor(self.qweight, 128).view(torch.int8)
+            out = torch._weight_int8pack_mm(rows.to(self.dtype), signed, self.scale.to(self.dtype))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
@@ -102,6 +103,12 @@ class Int4Linear(nn.Module):
         w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
         return w.reshape(self.out_features, self.in_features)
 
+    def _widened(self) -> torch.Tensor:
+        packed = self.qweight.reshape(self.out_features, self.in_features // 64, 1, 32)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 32).to(self.dtype)
+        w = torch.addcmul(self.mins.to(self.dtype)[..., None], q, self.scales.to(self.dtype)[..., None])
+        return w.reshape(self.out_features, self.in_features)
+
     def _stock(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(
             rows.to(self.dtype).contiguous(), self.qweight, self.group_size, self.scales_and_zeros
@@ -114,8 +121,8 @@ class Int4Linear(nn.Module):
             out = self._stock(rows)
         elif rows.shape[0] <= FAST_MAX_ROWS:
             out = _kernels().int4_gemv(rows, self.qweight, self.scales, self.mins).to(self.dtype)
-        else:
-            out = nn.functional.linear(rows.to(self.dtype), self.dequantized().to(self.dtype))
+        else:  # prefill: one matmul on the weight widened to bf16 (in bf16 throughout: half the traffic of fp32)
+            out = nn.functional.linear(rows.to(self.dtype), self._widened())
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
