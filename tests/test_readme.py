@@ -58,10 +58,11 @@ def test_main_command_and_python_example(tmp_path):
     result = subprocess.run(n2eye + shlex.split(evaluate)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((run / "eval.json").read_text())["per_type"].keys() == {"colour", "shape"}
-    api = tmp_path / "api.py"
-    api.write_text(block_after("python-api"))
-    result = subprocess.run([sys.executable, str(api)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    for marker in ("python-api", "python-quantize"):
+        api = tmp_path / f"{marker}.py"
+        api.write_text(block_after(marker))
+        result = subprocess.run([sys.executable, str(api)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (marker, result.stderr[-2000:])
     shutil.copy(ROOT / "examples" / "requests.jsonl", tmp_path / "examples" / "requests.jsonl")
     generate = block_after("generate-command")
     result = subprocess.run(n2eye + shlex.split(generate)[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
