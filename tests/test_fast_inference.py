@@ -58,11 +58,14 @@ def test_quantized_linear_matches_its_float_layer(bits, rows, kernel_path):
     assert q.qweight.numel() * q.qweight.element_size() == linear.weight.numel() // (1 if bits == "int8" else 2)
 
 
-def test_int4_refuses_a_shape_it_cannot_group():
+def test_int4_groups_fall_back_to_what_the_width_allows_and_refuse_the_rest():
     from n2eye.infer.quantize import Int4Linear
 
+    assert Int4Linear(nn.Linear(256, 16)).group_size == 128
+    narrow = Int4Linear(nn.Linear(96, 16))  # 96 = 3 x 32
+    assert narrow.group_size == 32 and not narrow.fast
     with pytest.raises(ValueError, match="group size"):
-        Int4Linear(nn.Linear(48, 16), group_size=32)
+        Int4Linear(nn.Linear(48, 16))
 
 
 def test_quantize_replaces_lm_linears_and_head_but_not_vision(tiny_checkpoint):
@@ -140,6 +143,7 @@ def test_load_with_int4_chats(tiny_checkpoint):
     from n2eye.infer.quantize import Int4Linear
 
     eye = n2eye.load(tiny_checkpoint, quantize="int4")
-    assert isinstance(eye.model.lm_head, Int4Linear)
+    layers = [m for m in eye.model.model.language_model.modules() if isinstance(m, Int4Linear)]
+    assert layers and eye.model.n2eye_quantization["quantized"] == len(layers) + isinstance(eye.model.lm_head, Int4Linear)
     answer = eye.chat([{"role": "user", "content": "Hello"}], max_new_tokens=4, temperature=0)
     assert isinstance(answer, str)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 BITS = ("int8", "int4")
-INT4_GROUP = 32
+INT4_GROUP = 128  # our kernel's group; layers whose width it doesn't divide fall back to 64 or 32
 
 
 FAST_MAX_ROWS = 8  # up to this many activation rows (decode, small batches) use the matrix-vector kernels
@@ -67,23 +67,26 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit groups of `group_size` input channels: w = q * scale + min, q in 0..15.
 
-    Our kernels take groups of 32 packed in pairs (low nibbles: group 2k, high nibbles: group 2k + 1) with fp16
-    scale/min [out, groups]; otherwise the weights are packed for `torch._weight_int4pack_mm_for_cpu`."""
+    Our kernel takes groups of 128, 64 bytes each (low nibbles: the group's weights 0..63, high nibbles:
+    64..127) with fp16 scale/min [out, groups]; otherwise the weights are packed for
+    `torch._weight_int4pack_mm_for_cpu`."""
 
     def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP, dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         out_f, in_f = linear.out_features, linear.in_features
-        if in_f % group_size:
-            raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size}")
+        fitting = [g for g in (group_size, 64, 32) if g <= group_size and in_f % g == 0]
+        if not fitting:
+            raise ValueError(f"in_features {in_f} is not a multiple of the int4 group size {group_size} (nor of 32)")
+        group_size = fitting[0]
         groups = linear.weight.detach().float().reshape(out_f, in_f // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = (high - low).clamp(min=1e-8) / 15.0
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
         self.in_features, self.out_features, self.group_size, self.dtype = in_f, out_f, group_size, dtype
-        self.fast = _kernels() is not None and group_size == 32 and in_f % 64 == 0
+        self.fast = _kernels() is not None and group_size == 128
         if self.fast:
-            pairs = q.to(torch.uint8).reshape(out_f, in_f // 64, 2, 32)
-            self.register_buffer("qweight", (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous())
+            halves = q.to(torch.uint8).reshape(out_f, in_f // 128, 2, 64)
+            self.register_buffer("qweight", (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous())
             self.register_buffer("scales", scale.to(torch.float16).contiguous())
             self.register_buffer("mins", low.to(torch.float16).contiguous())
         else:
@@ -98,14 +101,14 @@ class Int4Linear(nn.Module):
         if not self.fast:
             eye = torch.eye(self.in_features, dtype=self.dtype)
             return self._stock(eye).float().T
-        packed = self.qweight.reshape(self.out_features, self.in_features // 64, 32)
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 32).float()
+        packed = self.qweight.reshape(self.out_features, self.in_features // 128, 64)
+        q = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 128).float()
         w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
         return w.reshape(self.out_features, self.in_features)
 
     def _widened(self) -> torch.Tensor:
-        packed = self.qweight.reshape(self.out_features, self.in_features // 64, 1, 32)
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 32).to(self.dtype)
+        packed = self.qweight.reshape(self.out_features, self.in_features // 128, 1, 64)
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 128).to(self.dtype)
         w = torch.addcmul(self.mins.to(self.dtype)[..., None], q, self.scales.to(self.dtype)[..., None])
         return w.reshape(self.out_features, self.in_features)
 
