@@ -116,7 +116,8 @@ def test_readme_bench_command_writes_records_table_and_chart(tmp_path):
     records = json.loads(out.read_text())
     names = [r["name"] for r in records]
     for name in ("decode_bf16", "decode_int8", "decode_int4", "prefill_bf16", "ttft_turn1", "ttft_turn5",
-                 "vision_encode", "peak_rss", "memory_read_bandwidth"):  # fmt: skip
+                 "vision_encode", "peak_rss", "memory_read_bandwidth", "train_samples",
+                 "train_samples_feature_cache"):  # fmt: skip
         assert name in names, name
     for r in records:
         assert set(r) >= {"name", "unit", "ours", "reference", "ratio", "bound"}

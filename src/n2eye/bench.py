@@ -43,6 +43,8 @@ class BenchConfig:
     """Quantized decode paths to measure (comma-separated; empty for none)."""
     threads: int = 0
     """torch threads (0: all cores)."""
+    train_steps: int = 30
+    """Optimizer steps per training figure (tiny preset only; 0: skip the training figures)."""
 
 
 def _best(fn, repeats: int) -> float:
@@ -199,6 +201,60 @@ def vision_record(engine, repeats: int) -> dict[str, Any]:
     return _record("vision_encode", "images/s", 1 / _best(ours, repeats), 1 / _best(reference, repeats))
 
 
+class _TrainClock:
+    """Times only the optimisation loop (not loading, encoding or saving) through Trainer callbacks."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                clock.start = time.perf_counter()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                clock.seconds = time.perf_counter() - clock.start
+
+        self.callback = Callback()
+        self.seconds = 0.0
+
+
+def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[str, Any]]:
+    """Training samples/s through `n2eye train` (frozen vision, projector + LM), without and with the frozen-vision
+    feature cache (warm: filled by an untimed first run, as in a second epoch or a second run)."""
+    from .checkpoint import default_generation_config, save_checkpoint
+    from .data.synthetic import write_demo_dataset
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    checkpoint = work / "model"
+    save_checkpoint(model, processor, checkpoint, default_generation_config(processor.tokenizer))
+    written = write_demo_dataset(work / "data", 96, 8, seed=0, size=96)
+    spec = ",".join(str(p) for p in written["train"].values() if p)
+    batch = 8
+
+    def run(name: str, cache: bool) -> float:
+        clock = _TrainClock()
+        train(TrainConfig(model=str(checkpoint), data=spec, out=str(work / name), train="full", max_steps=cfg.train_steps,
+                          batch_size=batch, grad_accum=1, bf16=False, gradient_checkpointing=False, logging_steps=10,
+                          feature_cache=cache, feature_cache_dir=str(work / "features")),
+              callbacks=[clock.callback])  # fmt: skip
+        return cfg.train_steps * batch / clock.seconds
+
+    try:
+        without = run("train-plain", cache=False)
+        run("train-fill-cache", cache=True)
+        cached = run("train-cached", cache=True)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return [_record("train_samples", "samples/s", without, None, batch_size=batch, steps=cfg.train_steps),
+            _record("train_samples_feature_cache", "samples/s", cached, without, batch_size=batch,
+                    steps=cfg.train_steps, note="reference: the same run without the feature cache")]  # fmt: skip
+
+
 def peak_rss_record() -> dict[str, Any]:
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return _record("peak_rss", "MiB", kib / 1024, None)
@@ -287,6 +343,13 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
              ("prefill", lambda: [prefill_record(model, cfg)]),
              ("time to first token, 5-turn chat", lambda: ttft_records(N2Eye(model, processor))),
              ("vision encode", lambda: [vision_record(N2Eye(model, processor), cfg.repeats)])]  # fmt: skip
+    if cfg.train_steps and cfg.preset == "tiny":
+        import tempfile
+
+        work = Path(tempfile.mkdtemp(prefix="n2eye-bench-"))
+        steps.append(("training (n2eye train, frozen vision)", lambda: train_records(model, processor, cfg, work)))
+    elif cfg.train_steps:
+        print("training figures: measured on the tiny preset only (a CPU step at the 1.3B shapes takes minutes)")
     for label, step in steps:
         print(f"- {label}")
         for record in step():
