@@ -2,10 +2,10 @@
 
 Why: CPU decoding is bound by memory traffic; every token reads every LM weight once. int8 halves the bytes of
 bf16 and int4 quarters them, so decode gets faster by about that factor while activations stay in bf16.
-Decode rows go through our AVX-512 VNNI kernels (`n2eye.kernels`, activations quantized to int8 blocks of 32 on
-the fly) where the CPU has them, else through PyTorch's weight-only kernels (`torch._weight_int8pack_mm`, per
-output channel scales; `torch._weight_int4pack_mm_for_cpu`, asymmetric groups along the input dimension). The vision tower and the
-projector run once per image and stay as they are. Quantization changes numbers, so it is opt-in
+Decode rows go through our AVX-512 VNNI kernels (`n2eye.kernels`, activations quantized to int8 blocks on the
+fly) where the CPU has them, else through PyTorch's weight-only kernels (`torch._weight_int8pack_mm`, per output
+channel scales; `torch._weight_int4pack_mm_for_cpu`, asymmetric groups along the input dimension). The vision
+tower and the projector run once per image and stay as they are. Quantization changes numbers, so it is opt-in
 (`n2eye.load(path, quantize="int8")`); `benchmarks/README.md` gives its logit error and speed.
 """
 
@@ -30,8 +30,9 @@ def _kernels():
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T + bias with q int8 [out, in] and one scale per output channel.
 
-    With our kernels (`n2eye.kernels`, AVX-512 VNNI) q is stored offset to uint8 (q + 128) and decode rows go
-    through them; more rows (prefill) use the dequantized weight in one matmul. Without them,
+    With our kernels (`n2eye.kernels`, AVX-512 VNNI) q is stored offset to uint8 (q + 128, the unsigned operand
+    `vpdpbusd` takes; flipping the sign bit in the loop instead cost 20% of its speed) and decode rows go through
+    them; prefill rows go through `torch._weight_int8pack_mm` on the signed view. Without our kernels,
     `torch._weight_int8pack_mm` does all of it."""
 
     def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
@@ -97,19 +98,13 @@ class Int4Linear(nn.Module):
             )
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(dtype))
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as `dtype` [out, in] (prefill runs one matmul on it in bf16: half the traffic of fp32)."""
         if not self.fast:
-            eye = torch.eye(self.in_features, dtype=self.dtype)
-            return self._stock(eye).float().T
-        packed = self.qweight.reshape(self.out_features, self.in_features // 128, 64)
-        q = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 128).float()
-        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
-        return w.reshape(self.out_features, self.in_features)
-
-    def _widened(self) -> torch.Tensor:
+            return self._stock(torch.eye(self.in_features, dtype=self.dtype)).T.to(dtype)
         packed = self.qweight.reshape(self.out_features, self.in_features // 128, 1, 64)
-        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 128).to(self.dtype)
-        w = torch.addcmul(self.mins.to(self.dtype)[..., None], q, self.scales.to(self.dtype)[..., None])
+        q = torch.cat([packed & 0x0F, packed >> 4], dim=2).reshape(self.out_features, -1, 128).to(dtype)
+        w = torch.addcmul(self.mins.to(dtype)[..., None], q, self.scales.to(dtype)[..., None])
         return w.reshape(self.out_features, self.in_features)
 
     def _stock(self, rows: torch.Tensor) -> torch.Tensor:
@@ -124,8 +119,8 @@ class Int4Linear(nn.Module):
             out = self._stock(rows)
         elif rows.shape[0] <= FAST_MAX_ROWS:
             out = _kernels().int4_gemv(rows, self.qweight, self.scales, self.mins).to(self.dtype)
-        else:  # prefill: one matmul on the weight widened to bf16 (in bf16 throughout: half the traffic of fp32)
-            out = nn.functional.linear(rows.to(self.dtype), self._widened())
+        else:
+            out = nn.functional.linear(rows.to(self.dtype), self.dequantized(self.dtype))
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
