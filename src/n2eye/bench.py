@@ -201,25 +201,6 @@ def vision_record(engine, repeats: int) -> dict[str, Any]:
     return _record("vision_encode", "images/s", 1 / _best(ours, repeats), 1 / _best(reference, repeats))
 
 
-class _TrainClock:
-    """Times only the optimisation loop (not loading, encoding or saving) through Trainer callbacks."""
-
-    def __init__(self):
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                clock.start = time.perf_counter()
-
-            def on_train_end(self, args, state, control, **kwargs):
-                clock.seconds = time.perf_counter() - clock.start
-
-        self.callback = Callback()
-        self.seconds = 0.0
-
-
 def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[str, Any]]:
     """Training samples/s through `n2eye train` (frozen vision, projector + LM), without and with the frozen-vision
     feature cache (warm: filled by an untimed first run, as in a second epoch or a second run)."""
@@ -235,12 +216,12 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
     batch = 8
 
     def run(name: str, cache: bool) -> float:
-        clock = _TrainClock()
+        """The Trainer's own train_samples_per_second (its optimisation loop only: not loading, encoding, saving)."""
         train(TrainConfig(model=str(checkpoint), data=spec, out=str(work / name), train="full", max_steps=cfg.train_steps,
                           batch_size=batch, grad_accum=1, bf16=False, gradient_checkpointing=False, logging_steps=10,
-                          feature_cache=cache, feature_cache_dir=str(work / "features")),
-              callbacks=[clock.callback])  # fmt: skip
-        return cfg.train_steps * batch / clock.seconds
+                          feature_cache=cache, feature_cache_dir=str(work / "features")))  # fmt: skip
+        logs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
+        return float(next(r["train_samples_per_second"] for r in reversed(logs) if "train_samples_per_second" in r))
 
     try:
         without = run("train-plain", cache=False)
