@@ -139,13 +139,48 @@ def test_scenes_are_in_bounds_apart_and_drawn_as_described():
         assert max(abs(c - 128) for c in scene.background) > 60, "background must not look like blank grey"
         for i, o in enumerate(scene.objects):
             x1, y1, x2, y2 = o.bbox
-            assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 and 18 <= x2 - x1 <= 34 and x2 - x1 == y2 - y1
+            assert 0 <= x1 < x2 <= 96 and 0 <= y1 < y2 <= 96 and 16 <= x2 - x1 <= 28 and x2 - x1 == y2 - y1
             assert o.bbox_norm == tuple(v / 96 for v in o.bbox)
             # The pixel a bit above the bottom centre is inside every shape and has the object's colour.
             pixel = scene.image.getpixel(((x1 + x2) // 2, y2 - 4))
             assert max(abs(a - b) for a, b in zip(pixel, S.PALETTE[o.colour])) <= S.OBJECT_JITTER
             for p in scene.objects[i + 1 :]:
                 assert x2 <= p.bbox[0] or p.bbox[2] <= x1 or y2 <= p.bbox[1] or p.bbox[3] <= y1, "objects overlap"
+
+
+def test_objects_sit_one_per_grid_cell_near_its_centre():
+    """The demo model sees one cell per image token, so each object must lie inside one cell, centred."""
+    import random
+
+    rng = random.Random(1)
+    cell = 96 // S.GRID
+    cells_used = set()
+    for _ in range(300):
+        scene = S.make_scene(rng, 96)
+        cells = []
+        for o in scene.objects:
+            x1, y1, x2, y2 = o.bbox
+            col, row = x1 // cell, y1 // cell
+            assert (x2 - 1) // cell == col and (y2 - 1) // cell == row, f"{o} crosses a cell border"
+            cx, cy = o.center
+            assert abs(cx - (col + 0.5) * cell) <= S.CELL_JITTER + 1 and abs(cy - (row + 0.5) * cell) <= S.CELL_JITTER + 1
+            cells.append((row, col))
+        assert len(set(cells)) == len(cells), "two objects in one cell"
+        cells_used.update(cells)
+    assert len(cells_used) == S.GRID * S.GRID, "every cell is used"
+
+
+def test_pixel_statistics():
+    from PIL import Image
+
+    mean, std = S.pixel_statistics([Image.new("RGB", (8, 8), (255, 0, 51))] * 3)
+    assert mean == pytest.approx([1.0, 0.0, 0.2]) and std == pytest.approx([0, 0, 0], abs=1e-3)
+    half = Image.new("RGB", (2, 1), (0, 0, 0))
+    half.putpixel((1, 0), (255, 255, 255))
+    mean, std = S.pixel_statistics([half])
+    assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
+    with pytest.raises(ValueError):
+        S.pixel_statistics([])
 
 
 def test_every_answer_is_correct(sessions):
@@ -291,6 +326,8 @@ def test_demo_dataset_splits_and_manifest(tmp_path):
     manifest = json.loads(result["manifest"].read_text())
     assert set(manifest["splits"]) == {"train", "heldout"} and manifest["splits"]["heldout"]["sessions"] == 40
     assert manifest["chance_levels"] == result["chance_levels"]
+    stats = manifest["pixel_statistics"]  # light backgrounds: bright mean, far from the usual 0.5
+    assert all(0.75 < m < 0.95 for m in stats["mean"]) and all(0.05 < s < 0.35 for s in stats["std"])
     for split in ("train", "heldout"):
         assert result[split]["cragmm"].is_file() and result[split]["messages"].is_file()
     train = list(load_conversations(result["train"]["cragmm"], "cragmm", cache_dir=tmp_path / "hf"))
