@@ -10,35 +10,44 @@ import subprocess
 import sys
 
 
-def test_demo_stages_outputs_and_resume(tmp_path):
-    from n2eye.demo import DemoConfig, run_demo
+def test_readme_quick_demo_learns_to_count_from_the_images(tmp_path):
+    """The README's `n2eye demo --quick` command as written: counting far above chance, and back near chance when
+    the same model gets grey images (so the answers come from the pixels, not from text priors)."""
+    import re
+    import shlex
+    from pathlib import Path
 
-    out = tmp_path / "demo"
-    result = run_demo(DemoConfig(out=str(out), quick=True, steps=3))
-    for name in ("result.json", "eval.json", "eval-blank.json", "heldout_examples.png", "run/loss_curve.png"):
-        assert (out / name).exists(), name
-    saved = json.loads((out / "result.json").read_text())
-    assert saved["per_type"] and saved["chance"]["colour"] == 0.25 and "colour" in saved["blanked_per_type"]
-    assert result["api_example"]["question"]
-    stamp = (out / "run" / "final" / "model.safetensors").stat().st_mtime
-    run_demo(DemoConfig(out=str(out), quick=True, steps=3))  # resumes: finished stages are not redone
-    assert (out / "run" / "final" / "model.safetensors").stat().st_mtime == stamp
-    other = subprocess.run([sys.executable, "-m", "n2eye.cli", "demo", "--quick", "--steps", "4", "--out", str(out)],
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert other.returncode == 2 and "--restart" in other.stderr
-
-
-def test_quick_demo_learns_to_count_from_the_images(tmp_path):
-    """The README's `n2eye demo --quick` at its real settings: counting far above chance, and back near chance
-    when the same model gets grey images (so the answers come from the pixels, not from text priors)."""
-    from n2eye.demo import DemoConfig, run_demo
-
-    result = run_demo(DemoConfig(out=str(tmp_path / "quick"), quick=True))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    match = re.search(r"<!-- demo-quick-command -->\s*```\w+\n(.*?)```", readme, re.S)
+    assert match, "README lost its demo-quick-command block"
+    argv = shlex.split(match.group(1).strip())
+    assert argv[:3] == ["n2eye", "demo", "--quick"] and argv[3] == "--out"
+    out = tmp_path / argv[4]
+    done = subprocess.run([sys.executable, "-m", "n2eye.cli", *argv[1:4], str(out)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "blanked %" in done.stdout and "answer:" in done.stdout
+    result = json.loads((out / "result.json").read_text())
     chance, real, blank = result["chance"]["count"], result["per_type"]["count"], result["blanked_per_type"]["count"]
-    assert real["n"] >= 20
+    assert real["n"] >= 30
     assert real["mean_score"] >= chance + 0.2, (real, chance)
     assert blank["mean_score"] <= chance + 0.1, (blank, chance)
     assert result["timings_s"]["total_s"] < 240
+    for name in ("eval.json", "eval-blank.json", "heldout_examples.png", "run/loss_curve.png", "data/manifest.json"):
+        assert (out / name).exists(), name
+    assert result["chance"]["colour"] == 0.25 and result["api_example"]["question"]
+    assert set(result["targets"]) == {"colour", "count", "shape", "position", "grounding"}
+
+    # Run again: finished stages are not redone (the trained model stays as it was), the result is rewritten.
+    from n2eye.demo import DemoConfig, run_demo
+
+    stamp = (out / "run" / "final" / "model.safetensors").stat().st_mtime
+    again = run_demo(DemoConfig(out=str(out), quick=True))
+    assert (out / "run" / "final" / "model.safetensors").stat().st_mtime == stamp
+    assert again["per_type"]["count"] == real
+    other = subprocess.run([sys.executable, "-m", "n2eye.cli", "demo", "--quick", "--steps", "4", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert other.returncode == 2 and "--restart" in other.stderr
 
 
 def test_demo_unwritable_out_fails_at_once(tmp_path):

@@ -26,6 +26,18 @@ def test_eval_scores_every_turn_per_type(trained_tiny, tmp_path):
     assert len({r["prediction"] for r in blank["predictions"] if r["qtype"] == "colour"}) == 1
 
 
+def test_eval_with_a_quantized_language_model(trained_tiny, tmp_path):
+    """`--quantize int8`: the same turns, answered by the weight-only int8 model (what quantization costs)."""
+    from n2eye.eval.runner import EvalConfig, evaluate
+
+    plain = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "p.json")))
+    int8 = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "q.json"),
+                               quantize="int8"))  # fmt: skip
+    assert json.loads((tmp_path / "q.json").read_text())["config"]["quantize"] == "int8"
+    same = sum(a["prediction"] == b["prediction"] for a, b in zip(plain["predictions"], int8["predictions"]))
+    assert same >= 0.8 * len(plain["predictions"]), (same, len(plain["predictions"]))
+
+
 def test_eval_cli_and_unwritable_output(trained_tiny, tmp_path):
     result = subprocess.run([sys.executable, "-m", "n2eye.cli", "eval", "--model", str(trained_tiny), "--data",
                              str(EXAMPLES), "--out", str(tmp_path / "out" / "eval.json"), "--max-samples", "2"],

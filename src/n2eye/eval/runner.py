@@ -38,6 +38,8 @@ class EvalConfig:
     """Evaluate only the first N conversations (0: all)."""
     blank_images: bool = False
     """Replace every image with uniform grey (the text-prior baseline)."""
+    quantize: str | None = None
+    """Evaluate the model with weight-only int8 or int4 language-model layers (what quantization costs)."""
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
@@ -94,7 +96,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     from ..infer.engine import load
 
     out = check_file_writable(cfg.out)  # fail now, not after the long part
-    engine = engine or load(cfg.model)
+    engine = engine or load(cfg.model, quantize=cfg.quantize)
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
