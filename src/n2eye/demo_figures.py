@@ -50,7 +50,7 @@ def draw_heldout_examples(engine, heldout_spec: str, out_png: Path, n: int = 8) 
                                                fill=False, edgecolor=colour, linewidth=2))
         question = item["history"][-1]["content"]
         if isinstance(question, list):
-            question = " ".join(i.get("text", "") for i in question if isinstance(i, dict))
+            question = " ".join(t for t in (i.get("text", "") for i in question if isinstance(i, dict)) if t)
         short = question if len(question) < 60 else question.split(".")[0][:57] + "..."
         ok = answer.strip().lower().rstrip(".") == str(item["reference"]).strip().lower().rstrip(".")
         ax.set_title(f"{short}\nmodel: {answer[:40]}\ntruth: {str(item['reference'])[:40]}", fontsize=7,
