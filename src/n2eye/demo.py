@@ -55,11 +55,6 @@ def demo_model(
     tokenizer,
     seed: int,
     *,
-    hidden: int = 128,
-    layer_types: list[str] | None = None,
-    patch: int = 16,
-    vision_layers: int = 1,
-    vision_hidden: int = 128,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
 ):
@@ -72,23 +67,22 @@ def demo_model(
     from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
 
     add_special_tokens(tokenizer)
-    layer_types = layer_types or ["conv", "full_attention", "conv", "full_attention"]
     text_config = Lfm2Config(
         vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=3 * hidden,
+        hidden_size=128,
+        intermediate_size=384,
         block_auto_adjust_ff_dim=False,
-        num_hidden_layers=len(layer_types),
+        num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        layer_types=layer_types,
+        layer_types=["conv", "full_attention", "conv", "full_attention"],
         max_position_embeddings=2048,
         conv_L_cache=3,
         tie_word_embeddings=True,
     )
     vision_config = SiglipVisionConfig(
-        image_size=IMAGE_SIZE, patch_size=patch, hidden_size=vision_hidden, num_hidden_layers=vision_layers,
-        num_attention_heads=4, intermediate_size=2 * vision_hidden,
+        image_size=IMAGE_SIZE, patch_size=16, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=256,
     )  # fmt: skip
     image_processor = SiglipImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

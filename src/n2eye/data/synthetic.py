@@ -602,7 +602,6 @@ def make_sessions(
             sessions.append(_two_image_session(rng, decks, session_id, size))
         elif draw < two_image_fraction + tool_fraction:
             sessions.append(_tool_session(rng, decks, session_id, size))
-
         else:
             sessions.append(_cragmm_session(rng, decks, session_id, size))
     return sessions
