@@ -13,14 +13,11 @@ import sys
 def test_readme_quick_demo_learns_to_count_from_the_images(tmp_path):
     """The README's `n2eye demo --quick` command as written: counting far above chance, and back near chance when
     the same model gets grey images (so the answers come from the pixels, not from text priors)."""
-    import re
     import shlex
-    from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    match = re.search(r"<!-- demo-quick-command -->\s*```\w+\n(.*?)```", readme, re.S)
-    assert match, "README lost its demo-quick-command block"
-    argv = shlex.split(match.group(1).strip())
+    from test_readme import block_after
+
+    argv = shlex.split(block_after("demo-quick-command"))
     assert argv[:3] == ["n2eye", "demo", "--quick"] and argv[3] == "--out"
     out = tmp_path / argv[4]
     done = subprocess.run([sys.executable, "-m", "n2eye.cli", *argv[1:4], str(out)], capture_output=True, text=True,

@@ -87,7 +87,7 @@ def expected_answer(session: S.Session, turn: S.Turn) -> str:
         assert max(area_a, area_b) >= 1.2 * min(area_a, area_b), "bigger asked without a clear difference"
         return a.colour if area_a > area_b else b.colour
     if m := re.fullmatch(r"Detect all instances of: (\w+)\. .*", q):
-        found = sorted(having(scene, shape=m[1]), key=lambda o: (o.bbox[0], o.bbox[1]))
+        found = sorted(having(scene, shape=m[1]), key=lambda o: o.cell(scene.size))  # reading order
         assert found
         return json.dumps([{"label": o.shape, "bbox": [round(v / scene.size, 2) for v in o.bbox]} for o in found])
     if m := re.fullmatch(r"Which image has more (\w+)s\?", q):
@@ -244,11 +244,11 @@ def test_grounding_answers_parse_and_match_the_objects(sessions):
         seen += 1
         data = json.loads(turn.answer)
         shape = turn.question.split(": ", 1)[1].split(".", 1)[0]
-        objects = sorted(session.scenes[0].find(shape), key=lambda o: (o.bbox[0], o.bbox[1]))
+        # reading order: grid row by row, left to right
+        objects = sorted(session.scenes[0].find(shape), key=lambda o: o.cell(session.scenes[0].size))
         assert [d["label"] for d in data] == [shape] * len(objects)
         for d, o in zip(data, objects):
             assert all(abs(a - b) < 0.0051 for a, b in zip(d["bbox"], o.bbox_norm))
-        assert [d["bbox"][0] for d in data] == sorted(d["bbox"][0] for d in data)
         assert scoring.grounding_score(turn.answer, turn.answer)["iou"] == 1.0
     assert seen > 100
     assert scoring.grounding_score("not json", '[{"label": "circle", "bbox": [0.1, 0.1, 0.3, 0.3]}]')["iou"] == 0.0

@@ -1,0 +1,117 @@
+"""Pretrains the demo's vision tower on the shapes world, standing in for a pretrained SigLIP.
+
+The real recipe starts from a pretrained encoder (siglip2-so400m) and keeps it frozen; none exists offline. So
+the demo first teaches the tower what a pretrained encoder would already know: for every cell of the 3x3 grid
+(one image token each after pixel unshuffle), which colour, shape and size is there, if any, and where the cell
+is. Linear probes on the projector's unshuffled input are the objective; they are thrown away afterwards and the
+tower is frozen, as in the real recipe. A frozen tower also makes each training step ~25% cheaper (no backward
+through it), and the language model then learns from features that already separate what questions ask about.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import synthetic
+
+EMPTY = "none"
+
+
+def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
+    """Per cell (row-major), the class index of its colour, shape and size (the last class of each: empty), and
+    the cell's row and column: where each token sits, which position and grounding answers need."""
+    cells = synthetic.GRID * synthetic.GRID
+    sizes = synthetic.object_sides(scene.size)
+    labels = {
+        "colour": [len(synthetic.COLOURS)] * cells,
+        "shape": [len(synthetic.SHAPES)] * cells,
+        "size": [len(sizes)] * cells,
+        "row": [cell // synthetic.GRID for cell in range(cells)],
+        "column": [cell % synthetic.GRID for cell in range(cells)],
+    }
+    for obj in scene.objects:
+        cell = obj.cell(scene.size)
+        labels["colour"][cell] = synthetic.COLOURS.index(obj.colour)
+        labels["shape"][cell] = synthetic.SHAPES.index(obj.shape)
+        labels["size"][cell] = sizes.index(obj.size)
+    return labels
+
+
+def _cell_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(images, cells, channels): the vision grids pixel-unshuffled as the projector sees them."""
+    base = model.model
+    grids = torch.stack(base.encode_images(pixel_values))
+    merged = base.multi_modal_projector.pixel_unshuffle(grids)
+    n, h, w, c = merged.shape
+    if h * w != synthetic.GRID * synthetic.GRID:
+        raise ValueError(
+            f"vision pretraining needs one image token per grid cell ({synthetic.GRID}x{synthetic.GRID}); "
+            f"this model makes {h}x{w}"
+        )
+    return merged.reshape(n, h * w, c)
+
+
+def pretrain_vision_tower(
+    model,
+    processor,
+    *,
+    steps: int = 150,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    image_size: int = 96,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Trains `model`'s vision tower in place on fresh random scenes, then freezes it. Returns the probes'
+    per-cell accuracy on held-out scenes, per attribute."""
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    tower.requires_grad_(True)
+    with torch.no_grad():  # fails at once, before any training, on a model without one token per cell
+        _cell_features(model, processor.image_processor(synthetic.make_scene(random.Random(0), image_size).image,
+                                                        return_tensors="pt")["pixel_values"])  # fmt: skip
+    config = model.config
+    channels = config.vision_config.hidden_size * config.projector_factor**2
+    classes = {"colour": len(synthetic.COLOURS) + 1, "shape": len(synthetic.SHAPES) + 1,
+               "size": len(synthetic.object_sides(image_size)) + 1, "row": synthetic.GRID, "column": synthetic.GRID}  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    heads = nn.ModuleDict({name: nn.Linear(channels, n) for name, n in classes.items()})
+    for head in heads.values():
+        nn.init.normal_(head.weight, std=channels**-0.5, generator=generator)
+        nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
+    rng = random.Random(seed + 7919)  # not the world's training or held-out seed
+    tower.train()
+    bar = tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress)
+    for _ in bar:
+        loss, _ = _probe_loss(model, processor, heads, [synthetic.make_scene(rng, image_size) for _ in range(batch_size)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    tower.eval()
+    with torch.no_grad():
+        held = random.Random(seed + 104729)
+        _, accuracy = _probe_loss(model, processor, heads, [synthetic.make_scene(held, image_size) for _ in range(256)])
+    tower.requires_grad_(False)
+    model.config.freeze_vision = True
+    return {"steps": steps, "batch_size": batch_size, "cell_accuracy": accuracy}
+
+
+def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[synthetic.Scene]):
+    pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+    features = _cell_features(model, pixels)
+    labels = [cell_labels(s) for s in scenes]
+    loss = features.new_zeros(())
+    accuracy = {}
+    for name, head in heads.items():
+        target = torch.tensor([lab[name] for lab in labels])
+        logits = head(features)
+        loss = loss + nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        accuracy[name] = round(float((logits.argmax(-1) == target).float().mean()), 4)
+    return loss, accuracy
