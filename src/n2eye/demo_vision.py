@@ -18,9 +18,6 @@ from torch import nn
 
 from .data import synthetic
 
-EMPTY = "none"
-
-
 def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
     """Per cell (row-major), the class index of its colour, shape and size (the last class of each: empty), and
     the cell's row and column: where each token sits, which position and grounding answers need."""
@@ -72,9 +69,6 @@ def pretrain_vision_tower(
 
     tower = model.model.vision_tower
     tower.requires_grad_(True)
-    with torch.no_grad():  # fails at once, before any training, on a model without one token per cell
-        _cell_features(model, processor.image_processor(synthetic.make_scene(random.Random(0), image_size).image,
-                                                        return_tensors="pt")["pixel_values"])  # fmt: skip
     config = model.config
     channels = config.vision_config.hidden_size * config.projector_factor**2
     classes = {"colour": len(synthetic.COLOURS) + 1, "shape": len(synthetic.SHAPES) + 1,
