@@ -351,3 +351,42 @@ def test_generic_config_errors_list_supported_types():
         N2EyeConfig(vision_config={"model_type": "clip_vision_model"})
     with pytest.raises(ValueError, match="pixel_unshuffle_mlp"):
         N2EyeConfig(projector_type="qformer")
+
+
+def test_training_loss_from_labelled_logits_equals_full_loss(tiny_checkpoint):
+    """In training mode the head runs on labelled positions only; loss and gradients must be those of the full
+    logits (mean, and summed over `num_items_in_batch` as the Trainer does for gradient accumulation)."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": draw_shapes()}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the shape?"},
+        {"role": "assistant", "content": "A circle."},
+    ]
+    batch = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    labels = batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+    n_labelled = int((labels != -100).sum())
+    vocab = model.config.text_config.vocab_size
+    for num_items in (None, torch.tensor(7)):
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        results = []
+        for training in (True, False):
+            model.train(training)
+            model.zero_grad()
+            out = model(**batch, labels=labels, **extra)
+            if not training:  # eval mode keeps every position's logits; the loss is recomputed from them
+                assert out.logits.shape[1] == labels.shape[1]
+                torch.testing.assert_close(out.loss, ForCausalLMLoss(out.logits, labels, vocab, **extra))
+            else:
+                assert out.logits.shape == (n_labelled, vocab)
+            out.loss.backward()
+            results.append((out.loss.detach(), model.model.multi_modal_projector.linear_1.weight.grad.clone()))
+        (train_loss, train_grad), (eval_loss, eval_grad) = results
+        torch.testing.assert_close(train_loss, eval_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(train_grad, eval_grad, rtol=1e-4, atol=1e-7)

@@ -322,6 +322,16 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            loss, logits = self._loss_on_labelled_positions(hidden_states, labels, **kwargs)
+            return N2EyeCausalLMOutputWithPast(
+                loss=loss,
+                logits=logits,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                image_hidden_states=outputs.image_hidden_states,
+            )
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -340,6 +350,23 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
         )
+
+    def _loss_on_labelled_positions(
+        self, hidden_states: torch.Tensor, labels: torch.Tensor, shift_labels: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss from the logits of labelled positions only: in chat SFT most tokens (system, user turns,
+        images) carry no label, and the output head (and its logits: seq x vocab floats, 512 MB per 2048-token row
+        of LFM2's 65k vocabulary) is the widest layer. Same loss as `loss_function` on all logits; the returned
+        logits are the labelled positions' only, shape (n_labelled, vocab), so this runs in training mode only."""
+        if shift_labels is None:
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        keep = shift_labels != -100
+        logits = self.lm_head(hidden_states[keep])
+        loss = self.loss_function(
+            logits=logits, labels=None, shift_labels=shift_labels[keep], vocab_size=self.config.text_config.vocab_size,
+            **kwargs,
+        )  # fmt: skip
+        return loss, logits
 
 
 __all__ = ["N2EyeForConditionalGeneration", "N2EyeModel", "N2EyePreTrainedModel"]
