@@ -336,3 +336,19 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_checkpoint):
     assert [g["lr"] for g in groups] == [1e-3, 1e-5]
     assert {id(p) for p in groups[1]["params"]} == vision_ids
     assert not vision_ids & {id(p) for p in groups[0]["params"]}
+
+
+def test_train_step_benchmark_runs_as_documented(tmp_path):
+    """benchmarks/README's `python benchmarks/train_step.py`, shortened: all three variants timed, JSON written."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "train_step.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "train_step.py"), "--steps", "1", "--sessions", "40", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for name in ("reference", "ours", "ours_bf16"):
+        assert result[f"{name}_s_per_step"] > 0
+    assert result["reference_speedup"] == 1.0 and result["machine"]
+    assert "python benchmarks/train_step.py" in (root / "benchmarks" / "README.md").read_text()

@@ -1,0 +1,96 @@
+"""The demo model's training step on CPU, side by side in one run: float32 with the output head on every
+position (plain transformers' causal-LM loss) against ours, the head on the labelled positions only (what
+N2-Eye's model does in training mode), in float32 and under bf16 autocast (`n2eye train --bf16`).
+
+    python benchmarks/train_step.py [--steps 20] [--sessions 400] [--out benchmarks/results/train_step.json]
+
+Same packed batches (8 rows of 512 tokens from the shapes world, as `n2eye demo` trains), frozen vision tower;
+each variant's median over `--steps` forward + backward + AdamW steps, alternating variants step by step so a
+noisy host slows both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=400, help="shapes-world sessions to pack into batches")
+    parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    args = parser.parse_args()
+
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from n2eye.bench import machine_name
+    from n2eye.data import synthetic
+    from n2eye.data.collate import encode_conversation
+    from n2eye.data.packing import PackedCollator, pack_examples
+    from n2eye.demo import IMAGE_SIZE, PACK_LENGTH, demo_model
+    from n2eye.fixtures import train_tiny_tokenizer
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer")
+    sessions = synthetic.make_sessions(args.sessions, seed=0, size=IMAGE_SIZE)
+    mean, std = synthetic.pixel_statistics([im for s in sessions for im in s.images])
+    model, processor = demo_model(tokenizer, 0, image_mean=mean, image_std=std)
+    model.model.vision_tower.requires_grad_(False)
+    model.train()
+    examples = [encode_conversation(processor, synthetic.to_conversation(s), PACK_LENGTH) for s in sessions]
+    rows = pack_examples(examples, PACK_LENGTH)
+    collate = PackedCollator(tokenizer.pad_token_id)
+    batches = [collate(rows[i : i + 8]) for i in range(0, len(rows) - 7, 8)] or [collate(rows)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    vocab = model.config.text_config.vocab_size
+
+    def reference(batch):  # every position's logits in float32, then the loss over the labelled ones
+        logits = model.lm_head(model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state)
+        return ForCausalLMLoss(logits, batch["labels"], vocab)
+
+    def ours(batch):
+        return model(**batch).loss
+
+    def ours_bf16(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    variants = (("reference", reference), ("ours", ours), ("ours_bf16", ours_bf16))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for step in range(args.steps + 2):  # the first two of each are warm-up
+        batch = batches[step % len(batches)]
+        for name, fn in variants:
+            start = time.perf_counter()
+            fn(batch).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+    tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    result = {
+        "machine": machine_name(),
+        "model": "n2eye demo model (LFM2 hidden 128 x 4 layers, SigLIP 96 px x 1 layer, vision frozen)",
+        "batch": f"8 packed rows of {PACK_LENGTH} tokens ({tokens:.0f} real tokens)",
+        "steps": args.steps,
+    }
+    for name, _ in variants:
+        result[f"{name}_s_per_step"] = statistics.median(times[name])
+        result[f"{name}_speedup"] = statistics.median(times["reference"]) / statistics.median(times[name])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
