@@ -281,6 +281,14 @@ def test_assistant_mask_covers_exactly_the_answers(tiny_model):
     assert not mask[ids == processor.image_token_id].any()
 
 
+def _labelled_batch(processor, messages):
+    """Model inputs for `messages` and their labels: the assistant tokens, -100 elsewhere."""
+    batch = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
+    )
+    return batch, batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+
+
 def test_gradient_checkpointing_and_frozen_vision(tiny_checkpoint):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -293,10 +301,7 @@ def test_gradient_checkpointing_and_frozen_vision(tiny_checkpoint):
         {"role": "user", "content": [{"type": "image", "image": draw_shapes()}, {"type": "text", "text": "Colour?"}]},
         {"role": "assistant", "content": "Red."},
     ]
-    batch = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-    )
-    labels = batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+    batch, labels = _labelled_batch(processor, messages)
     loss = model(**batch, labels=labels).loss
     loss.backward()
     assert torch.isfinite(loss)
@@ -367,10 +372,7 @@ def test_training_loss_from_labelled_logits_equals_full_loss(tiny_checkpoint):
         {"role": "user", "content": "And the shape?"},
         {"role": "assistant", "content": "A circle."},
     ]
-    batch = processor.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-    )
-    labels = batch["input_ids"].masked_fill(batch.pop("assistant_masks") == 0, -100)
+    batch, labels = _labelled_batch(processor, messages)
     n_labelled = int((labels != -100).sum())
     vocab = model.config.text_config.vocab_size
     for num_items in (None, torch.tensor(7)):

@@ -322,26 +322,19 @@ class N2EyeForConditionalGeneration(N2EyePreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
+        loss = None
         if labels is not None and self.training and isinstance(logits_to_keep, int) and logits_to_keep == 0:
             loss, logits = self._loss_on_labelled_positions(hidden_states, labels, **kwargs)
-            return N2EyeCausalLMOutputWithPast(
-                loss=loss,
-                logits=logits,
-                past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-                image_hidden_states=outputs.image_hidden_states,
-            )
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden_states = hidden_states[:, -logits_to_keep:, :]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden_states = hidden_states[:, logits_to_keep, :]
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
-            )
+        else:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                hidden_states = hidden_states[:, -logits_to_keep:, :]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden_states = hidden_states[:, logits_to_keep, :]
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                )
         return N2EyeCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
