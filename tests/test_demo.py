@@ -10,9 +10,9 @@ import subprocess
 import sys
 
 
-def test_readme_quick_demo_learns_to_count_from_the_images(tmp_path):
-    """The README's `n2eye demo --quick` command as written: counting far above chance, and back near chance when
-    the same model gets grey images (so the answers come from the pixels, not from text priors)."""
+def test_readme_quick_demo_learns_colour_and_count_from_the_images(tmp_path):
+    """The README's `n2eye demo --quick` command as written: colour and counting far above chance, and back near
+    chance when the same model gets grey images (so the answers come from the pixels, not from text priors)."""
     import shlex
 
     from test_readme import block_after
@@ -25,10 +25,13 @@ def test_readme_quick_demo_learns_to_count_from_the_images(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "blanked %" in done.stdout and "answer:" in done.stdout
     result = json.loads((out / "result.json").read_text())
-    chance, real, blank = result["chance"]["count"], result["per_type"]["count"], result["blanked_per_type"]["count"]
-    assert real["n"] >= 30
-    assert real["mean_score"] >= chance + 0.2, (real, chance)
-    assert blank["mean_score"] <= chance + 0.1, (blank, chance)
+    for qtype in ("colour", "count"):
+        chance, real, blank = result["chance"][qtype], result["per_type"][qtype], result["blanked_per_type"][qtype]
+        assert real["n"] >= 30
+        assert real["mean_score"] >= chance + 0.2, (qtype, real, chance)
+        assert blank["mean_score"] <= chance + 0.1, (qtype, blank, chance)
+    assert json.loads((out / "data" / "manifest.json").read_text())["world"]["colour_answers"] == "sentences"
+    real = result["per_type"]["count"]
     assert result["timings_s"]["total_s"] < 240
     for name in ("eval.json", "eval-blank.json", "heldout_examples.png", "run/loss_curve.png", "data/manifest.json"):
         assert (out / name).exists(), name

@@ -339,6 +339,40 @@ def test_demo_dataset_splits_and_manifest(tmp_path):
     assert not any(S.image_hash(i) in seen for c in held for i in c["images"])
 
 
+def test_colour_sentences_change_only_the_colour_answers(tmp_path):
+    words = S.write_demo_dataset(tmp_path / "words", n_train=60, n_heldout=30, seed=3)
+    sentences = S.write_demo_dataset(tmp_path / "sentences", n_train=60, n_heldout=30, seed=3, colour_sentences=True)
+    assert json.loads(sentences["manifest"].read_text())["world"]["colour_answers"] == "sentences"
+    changed = 0
+    for split, fmt in (("heldout", "cragmm"), ("heldout", "messages"), ("train", "cragmm")):
+        a = list(load_conversations(words[split][fmt], fmt, cache_dir=tmp_path / "hf"))
+        b = list(load_conversations(sentences[split][fmt], fmt, cache_dir=tmp_path / "hf"))
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert [i.tobytes() for i in x["images"]] == [i.tobytes() for i in y["images"]]
+            for qtype, (mx, my) in zip(S.conversation_qtypes(x), _answers(x, y)):
+                if qtype == "colour":  # "red" -> "The circle is red."
+                    assert re.fullmatch(rf"The (circle|square|triangle) is {mx}\.", my), (mx, my)
+                    changed += 1
+                else:
+                    assert mx == my
+    assert changed > 10
+
+
+def _answers(x, y):
+    """(words answer, sentences answer) per user turn: each turn's last assistant message."""
+    def last_answers(conv):
+        out, current = [], None
+        for message in conv["messages"]:
+            if message["role"] == "user" and current is not None:
+                out.append(current)
+            if message["role"] == "assistant":
+                current = message["content"]
+        return out + [current]
+
+    return list(zip(last_answers(x), last_answers(y)))
+
+
 def test_generation_is_fast():
     start = time.perf_counter()
     S.make_sessions(1000, seed=9)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .infer.fast_decode import use_fast_decode
 from .infer.decode import greedy_decode
 from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
 
@@ -112,14 +113,19 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
     ref_tps = rate(lambda k: _reference_greedy(model, ids, k))
     base_logits = _last_logits(model, ids)
     records = []
-    variants = [("bf16", model)] + [(b, None) for b in cfg.quantize.split(",") if b.strip()]
-    for bits, variant in variants:
-        if variant is None:
+    variants = ["bf16_stock_kernel", "bf16"] + [b.strip() for b in cfg.quantize.split(",") if b.strip()]
+    for bits in variants:
+        variant = model
+        if bits != "bf16_stock_kernel":  # that one: our loop alone, on PyTorch's bf16 linear and conv
             variant = copy.deepcopy(model)
-            quantize_language_model(variant, bits.strip())
+            if bits != "bf16":
+                quantize_language_model(variant, bits)
+            fast = use_fast_decode(variant)  # what n2eye.load does: our bf16 kernel, the fused short conv
+            if bits == "bf16" and not fast["bf16_linear"]:
+                print("  decode_bf16: no AVX-512 BF16 kernel on this CPU; our loop on PyTorch's kernel")
         tps = rate(lambda k: greedy_decode(variant, ids, k, end_ids=()))
         bytes_per_token = weight_bytes_per_token(variant)
-        record = _record(f"decode_{bits.strip()}", "tokens/s", tps, ref_tps)
+        record = _record(f"decode_{bits}", "tokens/s", tps, ref_tps)
         record["bound"] = tps * bytes_per_token / 1e9 / bandwidth
         record["weight_bytes_per_token"] = bytes_per_token
         record["logit_max_abs_diff"] = float((_last_logits(variant, ids) - base_logits).abs().max())

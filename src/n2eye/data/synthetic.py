@@ -30,7 +30,7 @@ import math
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,7 @@ class Turn:
     qtype: str
     tool_call: dict[str, Any] | None = None  # {"name": ..., "arguments": {"item": ...}}
     tool_result: str | None = None
+    sentence: str | None = None  # the answer said as a sentence, for worlds written with `colour_sentences`
 
 
 @dataclass
@@ -292,6 +293,20 @@ def make_scene(
 
 def plural(shape: str) -> str:
     return shape + "s"
+
+
+def colour_sentence(shape: str, colour: str) -> str:
+    """"The circle is red.": the colour word then follows the object's name within the short-convolution
+    layers' reach, so answering takes one attention hop (to the image) instead of two (first carrying the
+    question's object across the chat template). `n2eye demo --quick` trains on these: in its 2-minute budget,
+    bare colour words stayed at chance and sentences reached ~60%; the full run ends higher on bare words."""
+    return f"The {shape} is {colour}."
+
+
+def in_sentences(session: Session) -> Session:
+    """The session with every answer that has a sentence form said as that sentence."""
+    turns = [replace(t, answer=t.sentence) if t.sentence else t for t in session.turns]
+    return replace(session, turns=turns)
 
 
 def grounding_question(shape: str) -> str:
@@ -396,7 +411,8 @@ def _colour_candidates(scene: Scene, know: _Knowledge) -> list[_Candidate]:
             continue
         colour = found[0].colour
         pairs = {(c, shape): c == colour for c in COLOURS}
-        out.append(_Candidate(Turn(f"What colour is the {shape}?", colour, "colour"), pairs))
+        turn = Turn(f"What colour is the {shape}?", colour, "colour", sentence=colour_sentence(shape, colour))
+        out.append(_Candidate(turn, pairs))
     return out
 
 
@@ -571,7 +587,7 @@ def _two_image_session(rng: random.Random, decks: _Decks, session_id: str, size:
     if singles and rng.random() < TWO_IMAGE_FOLLOW_UP:
         obj = rng.choice(singles)
         question = f"What colour is the {obj.shape} in the {('first', 'second')[index]} image?"
-        turns.append(Turn(question, obj.colour, "colour"))
+        turns.append(Turn(question, obj.colour, "colour", sentence=colour_sentence(obj.shape, obj.colour)))
     return Session(session_id, "two_image", [a, b], turns)
 
 
@@ -929,14 +945,18 @@ def pixel_statistics(images: Iterable[Image.Image], limit: int = 500) -> tuple[l
 
 
 def write_demo_dataset(
-    out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0, *, size: int = 96
+    out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0, *, size: int = 96,
+    colour_sentences: bool = False,
 ) -> dict[str, Any]:
-    """Train and held-out splits (CRAG-MM parquet + extra JSONL each), `manifest.json`, and chance levels."""
+    """Train and held-out splits (CRAG-MM parquet + extra JSONL each), `manifest.json`, and chance levels.
+    `colour_sentences`: colour answers as "The circle is red." (`colour_sentence`) instead of "red"."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = make_sessions(n_train, seed, size=size, id_prefix="train")
     seen = {image_hash(image) for s in train for image in s.images}
     heldout = _heldout_sessions(n_heldout, seed, seen, size)
+    if colour_sentences:
+        train, heldout = [in_sentences(x) for x in train], [in_sentences(x) for x in heldout]
     result: dict[str, Any] = {"out_dir": out}
     manifest: dict[str, Any] = {
         "world": {
@@ -947,6 +967,7 @@ def write_demo_dataset(
             "grid": GRID,
             "object_side_fraction_of_cell": list(SIDE_FRACTIONS),
             "turns_per_session": [MIN_TURNS, MAX_TURNS],
+            "colour_answers": "sentences" if colour_sentences else "words",
         },
         "pixel_statistics": dict(zip(("mean", "std"), pixel_statistics(i for s in train for i in s.images))),
         "qtypes": list(QTYPES),

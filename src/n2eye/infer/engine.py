@@ -85,6 +85,10 @@ class N2Eye:
             from .quantize import quantize_language_model
 
             quantize_language_model(model, quantize)
+        if device in (None, "cpu"):  # exact CPU decode fast paths (same greedy tokens): infer/fast_decode.py
+            from .fast_decode import use_fast_decode
+
+            use_fast_decode(model)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         return cls(model, processor)
 

@@ -126,6 +126,17 @@ class Int4Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def language_model_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every nn.Linear of the LM and the output head: what decode reads per token.
+    The vision tower and projector run once per image and are left out."""
+    root = getattr(model, "language_model", model)  # N2-Eye: the LFM2 body; a plain LM: itself
+    found = [(p, name, c) for p in root.modules() for name, c in p.named_children() if isinstance(c, nn.Linear)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        found += [(model, name, c) for name, c in model.named_children() if c is head]
+    return found
+
+
 def quantize_language_model(model: nn.Module, bits: str, group_size: int = INT4_GROUP) -> dict[str, int]:
     """Replaces the LM's nn.Linear layers and the output head in place; returns counts of what was replaced.
 
@@ -135,16 +146,7 @@ def quantize_language_model(model: nn.Module, bits: str, group_size: int = INT4_
         raise ValueError(f"quantize must be one of {', '.join(BITS)}, got {bits!r}")
     if next(model.parameters()).device.type != "cpu":
         raise ValueError("weight-only int8/int4 here uses PyTorch's CPU kernels; load the model on the CPU")
-    root = getattr(model, "language_model", model)  # N2-Eye: the LFM2 body; a plain LM: itself
-    targets: list[tuple[nn.Module, str, nn.Linear]] = [
-        (parent, name, child)
-        for parent in root.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear)
-    ]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear):
-        targets += [(model, name, child) for name, child in model.named_children() if child is head]
+    targets = language_model_linears(model)
     counts = {"quantized": 0, "kept": 0}
     for parent, name, linear in targets:
         try:

@@ -1,4 +1,5 @@
-// Weight-only int8 / int4 matrix-vector products for CPU decoding (AVX-512 VNNI, threads over output rows).
+// Matrix-vector products for CPU decoding: weight-only int8 / int4 (AVX-512 VNNI) and plain bf16 (AVX-512 BF16),
+// threads over output rows.
 // Why: decode reads every weight once per token, so its speed is weight bytes over memory bandwidth. PyTorch's
 // stock weight-only kernels widen every weight to fp32 and stream at about half the bandwidth for one row of
 // activations. Here the activations are quantized to int8 in blocks of 32 (one fp32 scale each, as llama.cpp's
@@ -140,6 +141,62 @@ void int4_rows(const QuantizedRows& x, int64_t m, int64_t in, const uint8_t* w, 
   }
 }
 
+// bf16 x bf16 with fp32 accumulation (AVX-512 BF16 `vdpbf16ps`: 32 products per instruction), for the decode
+// rows of an unquantized bf16 model: PyTorch's bf16 linear streams one activation row's weights at ~2/3 of the
+// memory bandwidth; four independent accumulators and a software prefetch keep this loop on the memory limit.
+__attribute__((target("avx512f,avx512bf16"))) void bf16_rows(const at::BFloat16* x, int64_t m, int64_t in, const at::BFloat16* w, float* y, int64_t out,
+               int64_t begin, int64_t end) {
+  for (int64_t o = begin; o < end; ++o) {
+    const at::BFloat16* row = w + o * in;
+    for (int64_t r = 0; r < m; ++r) {
+      const at::BFloat16* xr = x + r * in;
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(),
+             acc3 = _mm512_setzero_ps();
+      int64_t i = 0;
+      for (; i + 128 <= in; i += 128) {
+        if (r == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetch, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetch + 64, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetch + 128, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetch + 192, _MM_HINT_T0);
+        }
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + i), (__m512bh)_mm512_loadu_si512(xr + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(row + i + 32), (__m512bh)_mm512_loadu_si512(xr + i + 32));
+        acc2 = _mm512_dpbf16_ps(acc2, (__m512bh)_mm512_loadu_si512(row + i + 64), (__m512bh)_mm512_loadu_si512(xr + i + 64));
+        acc3 = _mm512_dpbf16_ps(acc3, (__m512bh)_mm512_loadu_si512(row + i + 96), (__m512bh)_mm512_loadu_si512(xr + i + 96));
+      }
+      for (; i + 32 <= in; i += 32) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(row + i), (__m512bh)_mm512_loadu_si512(xr + i));
+      }
+      float total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+      for (; i < in; ++i) total += static_cast<float>(row[i]) * static_cast<float>(xr[i]);
+      y[r * out + o] = total;
+    }
+  }
+}
+
+// LFM2's short convolution for one decode token, fused: from the in_proj output [B | C | x] (3 x hidden), push
+// B * x into the layer's conv state (hidden x K, updated in place) and return C * sum_k state[k] * weight[k].
+// transformers' fallback runs ~8 tensor ops for this (a cat, a copy, a grouped conv1d, chunks, products), most
+// of which is per-op overhead at one token; here it is one pass over 3 x hidden values.
+template <typename scalar_t>
+void short_conv_rows(const scalar_t* bcx, scalar_t* state, const scalar_t* weight, scalar_t* y, int64_t batch,
+                     int64_t hidden, int64_t k, int64_t begin, int64_t end) {
+  for (int64_t c = begin; c < end; ++c) {
+    const scalar_t* w = weight + c * k;
+    for (int64_t b = 0; b < batch; ++b) {
+      const scalar_t* row = bcx + b * 3 * hidden;
+      scalar_t* st = state + (b * hidden + c) * k;
+      for (int64_t j = 0; j + 1 < k; ++j) st[j] = st[j + 1];
+      st[k - 1] = static_cast<scalar_t>(static_cast<float>(row[c]) * static_cast<float>(row[2 * hidden + c]));
+      float acc = 0.f;
+      for (int64_t j = 0; j < k; ++j) acc += static_cast<float>(st[j]) * static_cast<float>(w[j]);
+      const float conv = static_cast<float>(static_cast<scalar_t>(acc));  // rounded as transformers' conv1d output
+      y[b * hidden + c] = static_cast<scalar_t>(static_cast<float>(row[hidden + c]) * conv);
+    }
+  }
+}
+
 int64_t grain(int64_t out) { return std::max<int64_t>(16, out / (4 * at::get_num_threads())); }
 
 }  // namespace
@@ -186,7 +243,40 @@ torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, t
   return y;
 }
 
+torch::Tensor bf16_gemv(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(w.dtype() == torch::kBFloat16 && w.is_contiguous() && w.dim() == 2, "w: contiguous bf16 [out, in]");
+  const int64_t out = w.size(0), in = w.size(1);
+  auto xb = x.to(torch::kBFloat16).contiguous();
+  const int64_t m = xb.numel() / in;
+  auto y = torch::empty({m, out}, xb.options().dtype(torch::kFloat));
+  const at::BFloat16* xp = xb.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, out, grain(out), [&](int64_t b, int64_t e) { bf16_rows(xp, m, in, wp, yp, out, b, e); });
+  return y;
+}
+
+torch::Tensor short_conv_decode(torch::Tensor bcx, torch::Tensor state, torch::Tensor weight) {
+  TORCH_CHECK(state.is_contiguous() && state.dim() == 3, "state: contiguous [batch, hidden, K]");
+  const int64_t batch = state.size(0), hidden = state.size(1), k = state.size(2);
+  TORCH_CHECK(bcx.numel() == batch * 3 * hidden, "bcx: the in_proj output of one token, [batch, 1, 3 * hidden]");
+  TORCH_CHECK(bcx.dtype() == state.dtype(), "bcx and state must share a dtype");
+  auto in = bcx.contiguous();
+  auto w = weight.reshape({hidden, k}).to(state.dtype()).contiguous();
+  auto y = torch::empty({batch, 1, hidden}, in.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, state.scalar_type(), "short_conv_decode", [&] {
+    const scalar_t* ip = in.data_ptr<scalar_t>();
+    scalar_t* sp = state.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    short_conv_rows<scalar_t>(ip, sp, wp, yp, batch, hidden, k, 0, hidden);
+  });
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_gemv", &int4_gemv, "y = x @ (q * scale + low).T, int4 groups of 128; x in int8 blocks of 128");
+  m.def("short_conv_decode", &short_conv_decode, "LFM2 short conv for one token: state updated in place, returns C * conv");
+  m.def("bf16_gemv", &bf16_gemv, "y = x @ w.T (fp32), bf16 weights and activations; needs AVX-512 BF16");
   m.def("int8_gemv", &int8_gemv, "y = x @ ((w - 128) * scale).T; x quantized to int8 blocks of 32");
 }
