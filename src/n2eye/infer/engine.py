@@ -72,10 +72,13 @@ class N2Eye:
         dtype: torch.dtype | str | None = None,
         device: str | None = None,
         quantize: str | None = None,
+        bf16_kernel: bool = False,
     ) -> N2Eye:
         """Loads a checkpoint folder or hub id exactly as transformers users do (trust_remote_code).
         `quantize="int8"` or `"int4"` swaps the LM's linear layers for weight-only kernels (CPU; opt-in because
-        it changes the numbers: see benchmarks/README.md)."""
+        it changes the numbers: see benchmarks/README.md). `bf16_kernel=True` (bf16 on a CPU with AVX-512 BF16)
+        runs decode rows through our bf16 kernel: faster, and numbers that differ in the last bit. LFM2's short
+        conv always takes the exact fused one-token path on CPU."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
@@ -85,10 +88,10 @@ class N2Eye:
             from .quantize import quantize_language_model
 
             quantize_language_model(model, quantize)
-        if device in (None, "cpu"):  # exact CPU decode fast paths (same greedy tokens): infer/fast_decode.py
+        if device in (None, "cpu"):  # CPU decode fast paths: infer/fast_decode.py
             from .fast_decode import use_fast_decode
 
-            use_fast_decode(model)
+            use_fast_decode(model, bf16_kernel=bf16_kernel)
         processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         return cls(model, processor)
 
@@ -325,7 +328,12 @@ class ChatSession:
 
 
 def load(
-    path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None, quantize: str | None = None
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | None = None,
+    quantize: str | None = None,
+    bf16_kernel: bool = False,
 ) -> N2Eye:
-    """`n2eye.load(path)`: the model and processor behind one object (`quantize="int8"|"int4"`: opt-in)."""
-    return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize)
+    """`n2eye.load(path)`: the model and processor behind one object (`quantize="int8"|"int4"` and
+    `bf16_kernel=True`: opt-in, they change the numbers)."""
+    return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize, bf16_kernel=bf16_kernel)

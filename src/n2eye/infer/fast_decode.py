@@ -1,15 +1,18 @@
-"""Exact CPU decode fast paths, on by default in `n2eye.load`: our kernels (`n2eye.kernels`) for the two places
-where a decode step spends more than the arithmetic needs.
+"""CPU decode fast paths built on our kernels (`n2eye.kernels`), for the two places where a decode step spends
+more than the arithmetic needs.
 
-- `Bf16DecodeLinear`: bf16 decode rows through an AVX-512 BF16 matrix-vector kernel (`vdpbf16ps`, fp32
-  accumulation as PyTorch's). A decode step multiplies one activation row by every weight, so its speed is weight
-  bytes over memory bandwidth; PyTorch's bf16 `linear` streams such a row at about two thirds of it.
-- `FastShortConv`: LFM2's short convolution for one token in one fused op; transformers' fallback (no
-  `causal_conv1d` on CPU) runs about eight tensor ops per conv layer and token, mostly per-op overhead.
+- `FastShortConv` (exact, on by default in `n2eye.load`): LFM2's short convolution for one token as one fused op;
+  transformers' fallback (no `causal_conv1d` on CPU) runs about eight tensor ops per conv layer and token, mostly
+  per-op overhead. It rounds where transformers rounds: the same logits bit for bit, the same greedy tokens.
+- `Bf16DecodeLinear` (opt-in: `n2eye.load(path, bf16_kernel=True)`): bf16 decode rows through an AVX-512 BF16
+  matrix-vector kernel (`vdpbf16ps`, fp32 accumulation like PyTorch's). A decode step multiplies one activation
+  row by every weight, so its speed is weight bytes over memory bandwidth; PyTorch's bf16 `linear` streams such a
+  row well below it. Its sums run in another order than PyTorch's, so after rounding to bf16 most outputs are the
+  same and the rest one bf16 step apart; through a deep model that can flip a near-tie in greedy decoding, which
+  is why it is opt-in (benchmarks/README.md gives its speed and logit difference).
 
-Both round as PyTorch does: results match it to the last bit on most outputs and to one bf16 step on the rest
-(summation order), and greedy tokens are the same (tests/test_fast_inference.py). Prefill, batches over
-`MAX_ROWS` rows and anything that needs gradients keep the stock path; `N2EYE_KERNELS=0` turns all of it off.
+Prefill, batches over `MAX_ROWS` rows and anything that needs gradients keep the stock path; `N2EYE_KERNELS=0`
+turns all of it off.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _short_conv_class():
                 or self.bias
                 or hidden_states.device.type != "cpu"
                 or past_key_values.is_recording_past(self.layer_idx)
-                or (torch.is_grad_enabled() and self.in_proj.weight.requires_grad)
+                or (torch.is_grad_enabled() and self.conv.weight.requires_grad)
             ):
                 return super().forward(hidden_states, past_key_values, attention_mask, **kwargs)
             state = past_key_values.get_conv_state(self.layer_idx, state_idx=0)
@@ -106,7 +109,7 @@ def use_fast_short_conv(model: nn.Module) -> int:
         from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
     except ImportError:
         return 0
-    layers = [m for m in model.modules() if type(m) is Lfm2ShortConv and m.in_proj.weight.device.type == "cpu"]
+    layers = [m for m in model.modules() if type(m) is Lfm2ShortConv and m.conv.weight.device.type == "cpu"]
     if not layers or _kernels() is None:
         return 0
     fast = _short_conv_class()
@@ -115,6 +118,7 @@ def use_fast_short_conv(model: nn.Module) -> int:
     return len(layers)
 
 
-def use_fast_decode(model: nn.Module) -> dict[str, int]:
-    """Both exact fast paths where they apply (what `n2eye.load` does); returns how many layers each took."""
-    return {"bf16_linear": use_bf16_decode_kernel(model), "short_conv": use_fast_short_conv(model)}
+def use_fast_decode(model: nn.Module, bf16_kernel: bool = False) -> dict[str, int]:
+    """The exact fast path (fused short conv) and, with `bf16_kernel`, the bf16 kernel; returns how many layers
+    each took (what `n2eye.load` does)."""
+    return {"short_conv": use_fast_short_conv(model), "bf16_linear": use_bf16_decode_kernel(model) if bf16_kernel else 0}

@@ -1,0 +1,69 @@
+"""Each exact CPU decode fast path on its own, side by side in one run (bf16, greedy, our decode loop):
+PyTorch's kernels, + the fused short conv (exact: what `n2eye.load` runs), + our bf16 matrix-vector kernel
+(opt-in: `bf16_kernel=True`), both.
+
+    python benchmarks/decode_pieces.py [--preset n2eye-1.3b] [--new-tokens 32] [--out benchmarks/results/decode_pieces.json]
+
+Random-init weights at the preset's shapes; a 64-token prompt; rates leave the prefill out ((n - 1) tokens over
+the time beyond a 1-token generation), best of `--repeats`. Each variant's greedy tokens are compared with
+PyTorch's (`<name>_same_tokens`): the fused conv is exact; the bf16 kernel sums in another order, and on random
+weights, whose logits are nearly tied, that can flip a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="n2eye-1.3b")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", default="benchmarks/results/decode_pieces.json")
+    args = parser.parse_args()
+
+    from n2eye.bench import _best, machine_name
+    from n2eye.build import build_random
+    from n2eye.infer.decode import greedy_decode
+    from n2eye.infer.fast_decode import use_bf16_decode_kernel, use_fast_short_conv
+
+    model, _ = build_random(args.preset)
+    model = model.to(torch.bfloat16).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(20, model.config.text_config.vocab_size, (1, 64))
+    variants = {
+        "pytorch_kernels": lambda m: None,
+        "fused_short_conv": use_fast_short_conv,
+        "bf16_kernel": use_bf16_decode_kernel,
+        "both": lambda m: (use_fast_short_conv(m), use_bf16_decode_kernel(m)),
+    }
+    result: dict = {"machine": machine_name(), "preset": args.preset, "new_tokens": args.new_tokens}
+    tokens = {}
+    for name, enable in variants.items():
+        variant = model if name == "pytorch_kernels" else copy.deepcopy(model)
+        enable(variant)
+        n = args.new_tokens
+        full = _best(lambda: greedy_decode(variant, ids, n), args.repeats)
+        first = _best(lambda: greedy_decode(variant, ids, 1), args.repeats)
+        result[f"{name}_tokens_per_s"] = (n - 1) / max(1e-9, full - first)
+        tokens[name] = greedy_decode(variant, ids, n)[0]
+        print(f"{name}: {result[f'{name}_tokens_per_s']:.2f} tokens/s", flush=True)
+        if variant is not model:
+            del variant
+    base = result["pytorch_kernels_tokens_per_s"]
+    for name in variants:
+        result[f"{name}_speedup"] = result[f"{name}_tokens_per_s"] / base
+        result[f"{name}_same_tokens"] = torch.equal(tokens[name], tokens["pytorch_kernels"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
