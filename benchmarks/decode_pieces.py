@@ -5,7 +5,7 @@ PyTorch's kernels, + the fused short conv (exact: what `n2eye.load` runs), + our
     python benchmarks/decode_pieces.py [--preset n2eye-1.3b] [--new-tokens 32] [--out benchmarks/results/decode_pieces.json]
 
 Random-init weights at the preset's shapes; a 64-token prompt; rates leave the prefill out ((n - 1) tokens over
-the time beyond a 1-token generation), best of `--repeats`. Each variant's greedy tokens are compared with
+the time beyond a 1-token generation), best of `--repeats` rounds that time the variants in alternation. Each variant's greedy tokens are compared with
 PyTorch's (`<name>_same_tokens`): the fused conv is exact; the bf16 kernel sums in another order, and on random
 weights, whose logits are nearly tied, that can flip a token.
 """
@@ -24,11 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="n2eye-1.3b")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/decode_pieces.json")
     args = parser.parse_args()
 
-    from n2eye.bench import _best, machine_name
+    from n2eye.bench import machine_name, paired_decode_rates
     from n2eye.build import build_random
     from n2eye.infer.decode import greedy_decode
     from n2eye.infer.fast_decode import use_bf16_decode_kernel, use_fast_short_conv
@@ -44,22 +44,20 @@ def main() -> None:
         "both": lambda m: (use_fast_short_conv(m), use_bf16_decode_kernel(m)),
     }
     result: dict = {"machine": machine_name(), "preset": args.preset, "new_tokens": args.new_tokens}
-    tokens = {}
+    models = {}
     for name, enable in variants.items():
-        variant = model if name == "pytorch_kernels" else copy.deepcopy(model)
-        enable(variant)
-        n = args.new_tokens
-        full = _best(lambda: greedy_decode(variant, ids, n), args.repeats)
-        first = _best(lambda: greedy_decode(variant, ids, 1), args.repeats)
-        result[f"{name}_tokens_per_s"] = (n - 1) / max(1e-9, full - first)
-        tokens[name] = greedy_decode(variant, ids, n)[0]
-        print(f"{name}: {result[f'{name}_tokens_per_s']:.2f} tokens/s", flush=True)
-        if variant is not model:
-            del variant
+        models[name] = model if name == "pytorch_kernels" else copy.deepcopy(model)
+        enable(models[name])
+    generators = {name: (lambda k, m=m: greedy_decode(m, ids, k)) for name, m in models.items()}
+    rates = paired_decode_rates(generators, args.new_tokens, args.repeats)  # alternating: host noise hits all alike
+    tokens = {name: greedy_decode(m, ids, args.new_tokens)[0] for name, m in models.items()}
+    for name in variants:
+        result[f"{name}_tokens_per_s"] = rates[name]
+        result[f"{name}_same_tokens"] = torch.equal(tokens[name], tokens["pytorch_kernels"])
+        print(f"{name}: {rates[name]:.2f} tokens/s", flush=True)
     base = result["pytorch_kernels_tokens_per_s"]
     for name in variants:
         result[f"{name}_speedup"] = result[f"{name}_tokens_per_s"] / base
-        result[f"{name}_same_tokens"] = torch.equal(tokens[name], tokens["pytorch_kernels"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
