@@ -13,7 +13,6 @@ weights, whose logits are nearly tied, that can flip a token.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
@@ -24,11 +23,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="n2eye-1.3b")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--out", default="benchmarks/results/decode_pieces.json")
     args = parser.parse_args()
 
-    from n2eye.bench import machine_name, paired_decode_rates
+    from n2eye.bench import machine_name, paired_decode_rates, weight_sharing_copy
     from n2eye.build import build_random
     from n2eye.infer.decode import greedy_decode
     from n2eye.infer.fast_decode import use_bf16_decode_kernel, use_fast_short_conv
@@ -46,7 +45,7 @@ def main() -> None:
     result: dict = {"machine": machine_name(), "preset": args.preset, "new_tokens": args.new_tokens}
     models = {}
     for name, enable in variants.items():
-        models[name] = model if name == "pytorch_kernels" else copy.deepcopy(model)
+        models[name] = model if name == "pytorch_kernels" else weight_sharing_copy(model)
         enable(models[name])
     generators = {name: (lambda k, m=m: greedy_decode(m, ids, k)) for name, m in models.items()}
     rates = paired_decode_rates(generators, args.new_tokens, args.repeats)  # alternating: host noise hits all alike

@@ -41,6 +41,8 @@ class BenchConfig:
     """Prompt length for the decode figures (the prefill figure uses 8x this)."""
     repeats: int = 3
     """Timed repetitions per figure (the best is kept)."""
+    decode_rounds: int = 6
+    """Rounds of the alternating decode timing (best of each kept; noisy hosts need several)."""
     quantize: str = "int8,int4"
     """Quantized decode paths to measure (comma-separated; empty for none)."""
     threads: int = 0
@@ -107,6 +109,13 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
+def weight_sharing_copy(model):
+    """A copy of the model's modules that shares its parameters and buffers: variants that swap modules (fast
+    paths, quantized layers) without a second copy of the weights in memory."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
 def paired_decode_rates(generators: dict[str, Any], n: int, repeats: int) -> dict[str, float]:
     """tokens/s of each `generator(k)` (k new tokens), all timed in alternation round after round, so a noisy
     host slows each alike: (n - 1) tokens over its best n-token time minus its best 1-token time (no prefill)."""
@@ -133,7 +142,7 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
     base_logits = _last_logits(model, ids)
     variants: dict[str, Any] = {}
     for bits in ["bf16", "bf16_kernel"] + [b.strip() for b in cfg.quantize.split(",") if b.strip()]:
-        variant = copy.deepcopy(model)
+        variant = weight_sharing_copy(model)
         if bits.startswith("int"):
             quantize_language_model(variant, bits)
         # what n2eye.load runs: the exact fused short conv; decode_bf16_kernel adds the opt-in bf16 kernel
@@ -144,7 +153,7 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
         variants[bits] = variant
     generators = {"reference": lambda k: _reference_greedy(model, ids, k)}
     generators.update({bits: (lambda k, v=v: greedy_decode(v, ids, k, end_ids=())) for bits, v in variants.items()})
-    rates = paired_decode_rates(generators, cfg.new_tokens, cfg.repeats)
+    rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds)
     bandwidth = max(bandwidth, memory_read_bandwidth())
     records = []
     for bits, variant in variants.items():
