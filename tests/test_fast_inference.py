@@ -275,3 +275,19 @@ def test_decode_pieces_benchmark_runs_as_documented(tmp_path):
         assert result[f"{name}_tokens_per_s"] > 0
     assert result["pytorch_kernels_speedup"] == 1.0 and result["fused_short_conv_same_tokens"] is True
     assert "python benchmarks/decode_pieces.py" in (root / "benchmarks" / "README.md").read_text()
+
+
+def test_compile_decode_benchmark_runs_as_documented(tmp_path):
+    """benchmarks/README's `python benchmarks/compile_decode.py`, on the tiny preset (its compile takes ~50 s)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "compile.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "compile_decode.py"), "--preset", "tiny", "--new-tokens", "8",
+         "--rounds", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["compile_s"] > 0 and result["pytorch_kernels_speedup"] == 1.0
+    assert result["compiled_tokens_per_s"] > 0 and result["fast_paths_same_tokens"] is True
+    assert "python benchmarks/compile_decode.py" in (root / "benchmarks" / "README.md").read_text()
