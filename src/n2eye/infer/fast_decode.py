@@ -93,7 +93,12 @@ def _short_conv_class():
             ):
                 return super().forward(hidden_states, past_key_values, attention_mask, **kwargs)
             state = past_key_values.get_conv_state(self.layer_idx, state_idx=0)
-            if state is None or not state.is_contiguous() or state.dtype != hidden_states.dtype:
+            if (
+                state is None
+                or not state.is_contiguous()
+                or state.dtype != hidden_states.dtype
+                or hidden_states.dtype == torch.float64  # the kernel sums in float32
+            ):
                 return super().forward(hidden_states, past_key_values, attention_mask, **kwargs)
             hidden_states = apply_mask_to_padding_states(hidden_states, attention_mask)
             mixed = _kernels().short_conv_decode(self.in_proj(hidden_states), state, self.conv.weight)

@@ -142,7 +142,7 @@ void int4_rows(const QuantizedRows& x, int64_t m, int64_t in, const uint8_t* w, 
 }
 
 // bf16 x bf16 with fp32 accumulation (AVX-512 BF16 `vdpbf16ps`: 32 products per instruction), for the decode
-// rows of an unquantized bf16 model: PyTorch's bf16 linear streams one activation row's weights at ~2/3 of the
+// rows of an unquantized bf16 model: PyTorch's bf16 linear streams one activation row's weights well below the
 // memory bandwidth; four independent accumulators and a software prefetch keep this loop on the memory limit.
 __attribute__((target("avx512f,avx512bf16"))) void bf16_rows(const at::BFloat16* x, int64_t m, int64_t in, const at::BFloat16* w, float* y, int64_t out,
                int64_t begin, int64_t end) {
