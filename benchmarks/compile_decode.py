@@ -26,15 +26,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/compile_decode.json")
     args = parser.parse_args()
 
-    from n2eye.bench import machine_name, paired_decode_rates, weight_sharing_copy
-    from n2eye.build import build_random
+    from n2eye.bench import machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
     from n2eye.infer.decode import greedy_decode
     from n2eye.infer.fast_decode import use_fast_decode
 
-    model, _ = build_random(args.preset)
-    model = model.to(torch.bfloat16).eval()
-    torch.manual_seed(0)
-    ids = torch.randint(20, model.config.text_config.vocab_size, (1, 64))
+    model, ids = random_decode_setup(args.preset)
     fast = weight_sharing_copy(model)
     use_fast_decode(fast)
     compiled = weight_sharing_copy(model)

@@ -1,13 +1,13 @@
-"""Each exact CPU decode fast path on its own, side by side in one run (bf16, greedy, our decode loop):
+"""Each CPU decode fast path on its own, side by side in one run (bf16, greedy, our decode loop):
 PyTorch's kernels, + the fused short conv (exact: what `n2eye.load` runs), + our bf16 matrix-vector kernel
 (opt-in: `bf16_kernel=True`), both.
 
     python benchmarks/decode_pieces.py [--preset n2eye-1.3b] [--new-tokens 32] [--out benchmarks/results/decode_pieces.json]
 
 Random-init weights at the preset's shapes; a 64-token prompt; rates leave the prefill out ((n - 1) tokens over
-the time beyond a 1-token generation), best of `--repeats` rounds that time the variants in alternation. Each variant's greedy tokens are compared with
-PyTorch's (`<name>_same_tokens`): the fused conv is exact; the bf16 kernel sums in another order, and on random
-weights, whose logits are nearly tied, that can flip a token.
+the time beyond a 1-token generation), best of `--rounds` rounds that time the variants in alternation. Each
+variant's greedy tokens are compared with PyTorch's (`<name>_same_tokens`): the fused conv is exact; the bf16
+kernel sums in another order, and on random weights, whose logits are nearly tied, that can flip a token.
 """
 
 from __future__ import annotations
@@ -23,19 +23,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="n2eye-1.3b")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", default="benchmarks/results/decode_pieces.json")
     args = parser.parse_args()
 
-    from n2eye.bench import machine_name, paired_decode_rates, weight_sharing_copy
-    from n2eye.build import build_random
+    from n2eye.bench import machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
     from n2eye.infer.decode import greedy_decode
     from n2eye.infer.fast_decode import use_bf16_decode_kernel, use_fast_short_conv
 
-    model, _ = build_random(args.preset)
-    model = model.to(torch.bfloat16).eval()
-    torch.manual_seed(0)
-    ids = torch.randint(20, model.config.text_config.vocab_size, (1, 64))
+    model, ids = random_decode_setup(args.preset)
     variants = {
         "pytorch_kernels": lambda m: None,
         "fused_short_conv": use_fast_short_conv,
@@ -48,7 +44,7 @@ def main() -> None:
         models[name] = model if name == "pytorch_kernels" else weight_sharing_copy(model)
         enable(models[name])
     generators = {name: (lambda k, m=m: greedy_decode(m, ids, k)) for name, m in models.items()}
-    rates = paired_decode_rates(generators, args.new_tokens, args.repeats)  # alternating: host noise hits all alike
+    rates = paired_decode_rates(generators, args.new_tokens, args.rounds)  # alternating: host noise hits all alike
     tokens = {name: greedy_decode(m, ids, args.new_tokens)[0] for name, m in models.items()}
     for name in variants:
         result[f"{name}_tokens_per_s"] = rates[name]

@@ -259,35 +259,30 @@ def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_
     assert torch.equal(step, ref_step)
 
 
-def test_decode_pieces_benchmark_runs_as_documented(tmp_path):
-    """benchmarks/README's `python benchmarks/decode_pieces.py`, on the tiny preset: every piece timed, the greedy
-    tokens of all variants equal, JSON written."""
+def _run_benchmark_script(name: str, tmp_path: Path, *args: str) -> dict:
+    """Runs `python benchmarks/<name>.py` on the tiny preset as benchmarks/README documents it; returns its JSON."""
     root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "pieces.json"
+    assert f"python benchmarks/{name}.py" in (root / "benchmarks" / "README.md").read_text()
+    out = tmp_path / f"{name}.json"
     done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "decode_pieces.py"), "--preset", "tiny", "--new-tokens", "8",
-         "--repeats", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=root,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
-    for name in ("pytorch_kernels", "fused_short_conv", "bf16_kernel", "both"):
-        assert result[f"{name}_tokens_per_s"] > 0
-    assert result["pytorch_kernels_speedup"] == 1.0 and result["fused_short_conv_same_tokens"] is True
-    assert "python benchmarks/decode_pieces.py" in (root / "benchmarks" / "README.md").read_text()
-
-
-def test_compile_decode_benchmark_runs_as_documented(tmp_path):
-    """benchmarks/README's `python benchmarks/compile_decode.py`, on the tiny preset (its compile takes ~50 s)."""
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "compile.json"
-    done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "compile_decode.py"), "--preset", "tiny", "--new-tokens", "8",
-         "--rounds", "1", "--out", str(out)],
+        [sys.executable, str(root / "benchmarks" / f"{name}.py"), "--preset", "tiny", "--new-tokens", "8",
+         "--rounds", "1", *args, "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=root,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_decode_pieces_benchmark_runs_as_documented(tmp_path):
+    """`python benchmarks/decode_pieces.py`: every piece timed, the exact fused conv's greedy tokens as PyTorch's."""
+    result = _run_benchmark_script("decode_pieces", tmp_path)
+    for name in ("pytorch_kernels", "fused_short_conv", "bf16_kernel", "both"):
+        assert result[f"{name}_tokens_per_s"] > 0
+    assert result["pytorch_kernels_speedup"] == 1.0 and result["fused_short_conv_same_tokens"] is True
+
+
+def test_compile_decode_benchmark_runs_as_documented(tmp_path):
+    """`python benchmarks/compile_decode.py` (its compile takes ~50 s on the tiny preset)."""
+    result = _run_benchmark_script("compile_decode", tmp_path)
     assert result["compile_s"] > 0 and result["pytorch_kernels_speedup"] == 1.0
     assert result["compiled_tokens_per_s"] > 0 and result["fast_paths_same_tokens"] is True
-    assert "python benchmarks/compile_decode.py" in (root / "benchmarks" / "README.md").read_text()

@@ -109,6 +109,16 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
+def random_decode_setup(preset: str, prompt_tokens: int = 64) -> tuple[Any, torch.Tensor]:
+    """The preset's random-init model in bf16 (eval) and a seeded random prompt: what the decode figures time."""
+    from .build import build_random
+
+    model, _ = build_random(preset)
+    model = model.to(torch.bfloat16).eval()
+    torch.manual_seed(0)
+    return model, torch.randint(20, model.config.text_config.vocab_size, (1, prompt_tokens))
+
+
 def weight_sharing_copy(model):
     """A copy of the model's modules that shares its parameters and buffers: variants that swap modules (fast
     paths, quantized layers) without a second copy of the weights in memory."""
