@@ -100,3 +100,24 @@ def test_demo_model_learns_a_colour_when_normalised_with_the_data_statistics(tmp
     rows = torch.arange(len(held))
     accuracy = (predicted[rows, first - 1] == labels[rows, first]).float().mean().item()
     assert accuracy >= 0.8, f"held-out colour accuracy {accuracy:.2f} after 60 steps"
+
+
+def test_every_demo_conversation_fits_the_packed_rows_whole(tmp_path):
+    """The demo packs rows of FULL["pack_length"] tokens: no conversation may be cut (a cut tool-call session
+    loses its call, and the model then never learns to close one: measured at 256-token rows, tool calls 0%)."""
+    from n2eye.data.report import SkipReport
+    from n2eye.data.synthetic import write_demo_dataset
+    from n2eye.demo import FULL, IMAGE_SIZE, QUICK, demo_model
+    from n2eye.fixtures import train_tiny_tokenizer
+    from n2eye.train.trainer import encode_dataset
+
+    written = write_demo_dataset(tmp_path / "data", 400, 10, seed=3, size=IMAGE_SIZE)
+    _, processor = demo_model(train_tiny_tokenizer(tmp_path / "tok"), 0)
+    lengths = []
+    for path in (p for p in written["train"].values() if p):
+        report = SkipReport()
+        examples = encode_dataset(processor, str(path), "auto", 4096, False, 0, report)
+        assert report.skipped == 0 and report.truncated == 0
+        lengths += [len(e["input_ids"]) for e in examples]
+    assert len(lengths) == 400 and max(lengths) > 300  # the tool-call sessions are the long ones
+    assert max(lengths) <= min(FULL["pack_length"], QUICK["pack_length"]), max(lengths)

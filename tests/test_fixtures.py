@@ -114,6 +114,14 @@ def test_newline_is_a_token(tokenizer):
     ids = tokenizer.encode("\n", add_special_tokens=False)
     assert len(ids) == 1 and tokenizer.decode(ids) == "\n"
 
+def test_box_coordinates_tokenize_in_one_layout(tokenizer):
+    """Every two-decimal coordinate is "0" "." "NN" (like the real LFM2 vocabulary, which holds all 1-3 digit
+    numbers): the round tens used to split ("0.30" as 0 . 3 0 beside "0.35" as 0 . 35)."""
+    for i in range(100):
+        assert tokenizer.tokenize(f"0.{i:02d}") == ["0", ".", f"{i:02d}"], i
+    assert tokenizer.tokenize("1.00") == ["1", ".", "00"]
+
+
 
 def test_tokenizer_training_is_deterministic(tmp_path, backbones):
     train_tiny_tokenizer(tmp_path, vocab_size=1024)

@@ -84,7 +84,7 @@ def test_unmasked_labels_decode_to_exactly_the_answers(tiny_model):
 
 
 def test_truncation_never_cuts_an_image_block_and_skips_what_cannot_fit(tiny_model):
-    from n2eye.data.collate import encode_conversation
+    from n2eye.data.collate import TRUNCATED_FROM, encode_conversation
     from n2eye.data.report import SkipRow
 
     _, processor = tiny_model
@@ -105,6 +105,7 @@ def test_truncation_never_cuts_an_image_block_and_skips_what_cannot_fit(tiny_mod
     assert len(cut["input_ids"]) == start and "pixel_values" not in cut or len(cut["pixel_values"]) == 0
     assert processor.image_token_id not in cut["input_ids"]
     assert processor.tokenizer.decode([t for t in cut["labels"] if t != -100]) == "Hello there.<|im_end|>"
+    assert cut[TRUNCATED_FROM] == len(ids) and TRUNCATED_FROM not in full  # the cut is reported, not silent
     # nothing supervised fits -> skipped with a reason, never a zero-loss sample
     with pytest.raises(SkipRow) as info:
         encode_conversation(processor, conversation, max_length=20)
@@ -286,6 +287,33 @@ def test_feature_cache_skips_the_vision_tower_with_the_same_loss(tiny_checkpoint
     assert "4 reused, 4 computed" in capsys.readouterr().out  # 4 distinct pictures among the 8 rows
     run_train(tiny_checkpoint, dataset, tmp_path / "again", feature_cache=True, **options)
     assert "8 reused, 0 computed" in capsys.readouterr().out
+
+
+def test_conversations_cut_at_max_length_are_counted_and_reported(tiny_checkpoint, dataset, tmp_path, capsys):
+    """A cut conversation trains on what fits, and the run says how many were cut and how to keep them whole."""
+    run_train(tiny_checkpoint, dataset, tmp_path / "run", max_steps=2, max_length=112)
+    report = json.loads((tmp_path / "run" / "train_result.json").read_text())["skipped"]
+    assert report["truncated"] == 8 and report["skipped"] == 0
+    assert "123 tokens with images; --max-length is 112" in report["truncated_examples"][0]["detail"]
+    assert "8 cut at the length limit" in capsys.readouterr().out
+    run_train(tiny_checkpoint, dataset, tmp_path / "whole", max_steps=2)
+    assert json.loads((tmp_path / "whole" / "train_result.json").read_text())["skipped"]["truncated"] == 0
+
+
+def test_wsd_schedule_holds_the_peak_rate_then_decays(tiny_checkpoint, dataset, tmp_path):
+    from n2eye.train.config import TrainConfig
+
+    run_train(tiny_checkpoint, dataset, tmp_path / "run", max_steps=10, warmup_ratio=0.2, lr_schedule="wsd",
+              decay_ratio=0.3)  # fmt: skip
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["learning_rate"] for r in records if "learning_rate" in r}
+    assert rates[1] < rates[2] < 1e-3  # linear warmup over 2 steps
+    assert all(rates[step] == pytest.approx(1e-3) for step in range(3, 9))  # stable at --lr
+    assert rates[8] > rates[9] > rates[10] > 0  # then it decays over the last 3 steps (logged: the rate used)
+    with pytest.raises(ValueError, match="--max-steps"):
+        TrainConfig(model="m", data="d", out="o", lr_schedule="wsd")
+    with pytest.raises(ValueError, match="--lr-schedule"):
+        TrainConfig(model="m", data="d", out="o", lr_schedule="exponential")
 
 
 def test_held_out_loss_is_logged_every_n_steps(tiny_checkpoint, dataset, tmp_path):

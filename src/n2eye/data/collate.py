@@ -65,10 +65,15 @@ def _truncation_point(ids: list[int], max_length: int, start_id: int, end_id: in
     return opened if opened is not None else cut
 
 
+TRUNCATED_FROM = "truncated_from"  # key of an encoded example that was cut at max_length: its full length
+
+
 def encode_conversation(
     processor, conversation: dict[str, Any], max_length: int, last_turn_only: bool = False
 ) -> dict[str, Any]:
-    """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits."""
+    """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits; a
+    conversation cut at `max_length` that still has supervised tokens carries its full length under
+    TRUNCATED_FROM, so the caller can count and report it (`SkipReport.add_truncated`)."""
     messages = fill_images(conversation["messages"], conversation.get("images") or [])
     out = processor.apply_chat_template(
         messages,
@@ -91,6 +96,8 @@ def encode_conversation(
     if not any(label != IGNORE_INDEX for label in labels):
         raise SkipRow(TOO_LONG, f"{len(out['input_ids'][0])} tokens with images; --max-length is {max_length}")
     example = {"input_ids": ids, "labels": labels}
+    if cut < len(out["input_ids"][0]):
+        example[TRUNCATED_FROM] = len(out["input_ids"][0])  # the caller's SkipReport counts it (add_truncated)
     pixel_values = out.get("pixel_values")
     if pixel_values is not None:
         n_images = ids.count(start_id) if processor.use_image_special_tokens else None

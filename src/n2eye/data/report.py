@@ -43,6 +43,8 @@ class SkipReport:
         self.counts: Counter[str] = Counter()
         self.examples: dict[str, list[dict[str, str]]] = {}
         self.kept = 0
+        self.truncated = 0  # kept, but cut at --max-length: the cut-off turns are not trained on
+        self.truncated_examples: list[dict[str, str]] = []
         self.format_description: str | None = None
         self.columns: list[str] | None = None
 
@@ -55,6 +57,12 @@ class SkipReport:
 
     def add_kept(self, n: int = 1) -> None:
         self.kept += n
+
+    def add_truncated(self, row_id: Any = None, detail: str = "") -> None:
+        """Count one kept row that was cut at the length limit (its later tokens are lost to training)."""
+        self.truncated += 1
+        if len(self.truncated_examples) < self.max_examples:
+            self.truncated_examples.append({"row": str(row_id), "detail": detail[:300]})
 
     @property
     def skipped(self) -> int:
@@ -72,6 +80,9 @@ class SkipReport:
                 if len(examples) < self.max_examples:
                     examples.append(example)
         self.kept += other.kept
+        self.truncated += other.truncated
+        room = self.max_examples - len(self.truncated_examples)
+        self.truncated_examples.extend(other.truncated_examples[: max(0, room)])
 
     def _reasons_text(self) -> str:
         parts = []
@@ -87,15 +98,23 @@ class SkipReport:
         return "; ".join(parts) if parts else "none"
 
     def summary(self) -> str:
-        """One line for logs: how many rows were kept and skipped, and why."""
+        """One line for logs: how many rows were kept (and cut at the length limit) and skipped, and why."""
+        kept = f"kept {self.kept} rows"
+        if self.truncated:
+            rows = ", ".join(e["row"] for e in self.truncated_examples)
+            first = next((e["detail"] for e in self.truncated_examples if e["detail"]), "")
+            kept += (f" ({self.truncated} cut at the length limit, their later turns not trained on: rows {rows}"
+                     f"{' [' + first + ']' if first else ''}; raise --max-length to keep them whole)")  # fmt: skip
         if not self.counts:
-            return f"kept {self.kept} rows, skipped none"
-        return f"kept {self.kept} rows, skipped {self.skipped}: {self._reasons_text()}"
+            return f"{kept}, skipped none"
+        return f"{kept}, skipped {self.skipped}: {self._reasons_text()}"
 
     def to_dict(self) -> dict[str, Any]:
         """Machine-readable form for result JSON files."""
         return {
             "kept": self.kept,
+            "truncated": self.truncated,
+            "truncated_examples": list(self.truncated_examples),
             "skipped": self.skipped,
             "reasons": dict(self.counts.most_common()),
             "examples": {reason: list(examples) for reason, examples in self.examples.items()},

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 TRAIN_MODES = ("projector", "full", "lora")
+# --lr-schedule names -> transformers' scheduler types (wsd: warmup, constant, decay: loss keeps falling at the
+# peak rate instead of the rate shrinking from the first step after the warmup).
+LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "wsd": "warmup_stable_decay"}
 
 
 @dataclass
@@ -31,7 +34,12 @@ class TrainConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps (overrides --epochs when > 0)."""
     lr: float = 2e-5
-    """Peak learning rate (cosine schedule with warmup)."""
+    """Peak learning rate (reached after the warmup; --lr-schedule says what follows)."""
+    lr_schedule: str = "cosine"
+    """After the warmup: cosine (decay to 0), linear, or wsd (stay at --lr, then a cosine decay over the last
+    --decay-ratio of the steps; needs --max-steps)."""
+    decay_ratio: float = 0.2
+    """wsd only: the fraction of the steps spent decaying."""
     vision_lr: float | None = None
     """Learning rate of the vision tower when --train-vision (default: --lr / 10)."""
     batch_size: int = 2
@@ -100,6 +108,12 @@ class TrainConfig:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("Give --epochs > 0 or --max-steps > 0.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}.")
+        if self.lr_schedule == "wsd" and self.max_steps <= 0:
+            raise ValueError("--lr-schedule wsd needs --max-steps (its decay starts a fixed number of steps before the end).")
+        if not 0 < self.decay_ratio <= 1:
+            raise ValueError(f"--decay-ratio must be in (0, 1], got {self.decay_ratio}.")
         if self.vision_lr is None:
             self.vision_lr = self.lr / 10
         if self.streaming and self.max_steps <= 0:

@@ -18,15 +18,22 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
-from ..data.collate import Collator, encode_conversation
+from ..data.collate import TRUNCATED_FROM, Collator, encode_conversation
 from ..data.packing import PackedCollator, pack_examples
 from ..data.report import SkipReport, SkipRow
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.processing_n2eye import N2EyeProcessor
-from .config import TrainConfig
+from .config import LR_SCHEDULES, TrainConfig
 from .modes import configure_trainable, count_trainable, merge_lora, parameter_groups
 
 STAGING = ".staging"
+
+
+def _count_truncation(example: dict, conversation: dict, max_length: int, report: SkipReport) -> None:
+    full = example.pop(TRUNCATED_FROM, None)
+    if full is not None:
+        row = conversation.get("metadata", {}).get("id")
+        report.add_truncated(row, f"{full} tokens with images; --max-length is {max_length}")
 
 
 def encode_dataset(
@@ -41,11 +48,13 @@ def encode_dataset(
     stream = load_many(spec, fmt, report=report)
     for conversation in tqdm(stream, desc=f"encoding {spec}", unit="conv"):
         try:
-            examples.append(encode_conversation(processor, conversation, max_length, last_turn_only))
+            example = encode_conversation(processor, conversation, max_length, last_turn_only)
         except SkipRow as skip:
             report.add_kept(-1)  # the adapter counted it as kept; tokenization skipped it
             report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
             continue
+        _count_truncation(example, conversation, max_length, report)
+        examples.append(example)
         if max_samples and len(examples) >= max_samples:
             break
     stream.close()
@@ -72,6 +81,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
                 self.report.add_kept(-1)
                 self.report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
                 continue
+            _count_truncation(example, conversation, self.cfg.max_length, self.report)
             if self.feature_cache is not None and example.get("pixel_values") is not None:
                 example["vision_features"] = self.feature_cache.grids(example.pop("pixel_values"))
             yield example
@@ -193,7 +203,10 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=LR_SCHEDULES[cfg.lr_schedule],
+        lr_scheduler_kwargs=(
+            {"num_decay_steps": max(1, round(cfg.decay_ratio * cfg.max_steps))} if cfg.lr_schedule == "wsd" else {}
+        ),
         warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay,
         bf16=use_bf16,
