@@ -34,9 +34,10 @@ def main() -> None:
     from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
     from n2eye.data.packing import PackedCollator, pack_examples
-    from n2eye.demo import IMAGE_SIZE, PACK_LENGTH, demo_model
+    from n2eye.demo import FULL, IMAGE_SIZE, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
 
+    pack_length, rows_per_step = FULL["pack_length"], FULL["batch_size"]  # the demo's packed steps
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer")
@@ -45,10 +46,11 @@ def main() -> None:
     model, processor = demo_model(tokenizer, 0, image_mean=mean, image_std=std)
     model.model.vision_tower.requires_grad_(False)
     model.train()
-    examples = [encode_conversation(processor, synthetic.to_conversation(s), PACK_LENGTH) for s in sessions]
-    rows = pack_examples(examples, PACK_LENGTH)
+    examples = [encode_conversation(processor, synthetic.to_conversation(s), pack_length) for s in sessions]
+    rows = pack_examples(examples, pack_length)
     collate = PackedCollator(tokenizer.pad_token_id)
-    batches = [collate(rows[i : i + 8]) for i in range(0, len(rows) - 7, 8)] or [collate(rows)]
+    n = rows_per_step
+    batches = [collate(rows[i : i + n]) for i in range(0, len(rows) - n + 1, n)] or [collate(rows)]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.text_config.vocab_size
@@ -78,8 +80,8 @@ def main() -> None:
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
     result = {
         "machine": machine_name(),
-        "model": "n2eye demo model (LFM2 hidden 128 x 4 layers, SigLIP 96 px x 1 layer, vision frozen)",
-        "batch": f"8 packed rows of {PACK_LENGTH} tokens ({tokens:.0f} real tokens)",
+        "model": f"n2eye demo model (LFM2 hidden 128 x 4 layers: {FULL['layers']}; SigLIP 96 px x 1 layer, vision frozen)",
+        "batch": f"{rows_per_step} packed rows of {pack_length} tokens ({tokens:.0f} real tokens)",
         "steps": args.steps,
     }
     for name, _ in variants:

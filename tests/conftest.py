@@ -71,5 +71,5 @@ def trained_tiny(tiny_checkpoint, tmp_path_factory) -> Path:
 
     data = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
     out = tmp_path_factory.mktemp("trained") / "run"
-    return train(TrainConfig(model=str(tiny_checkpoint), data=str(data), out=str(out), max_steps=40, lr=3e-3,
+    return train(TrainConfig(model=str(tiny_checkpoint), data=str(data), out=str(out), max_steps=60, lr=3e-3,
                              batch_size=4, grad_accum=1, bf16=False, gradient_checkpointing=False, seed=1))  # fmt: skip
