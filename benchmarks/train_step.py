@@ -34,7 +34,7 @@ def main() -> None:
     from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
     from n2eye.data.packing import PackedCollator, pack_examples
-    from n2eye.demo import FULL, IMAGE_SIZE, demo_model
+    from n2eye.demo import FULL, IMAGE_SIZE, LM_LAYERS, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
 
     pack_length, rows_per_step = FULL["pack_length"], FULL["batch_size"]  # the demo's packed steps
@@ -80,7 +80,7 @@ def main() -> None:
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
     result = {
         "machine": machine_name(),
-        "model": f"n2eye demo model (LFM2 hidden 128 x 4 layers: {FULL['layers']}; SigLIP 96 px x 1 layer, vision frozen)",
+        "model": f"n2eye demo model (LFM2 hidden 128 x 4 layers: {', '.join(LM_LAYERS)}; SigLIP 96 px x 1 layer, vision frozen)",
         "batch": f"{rows_per_step} packed rows of {pack_length} tokens ({tokens:.0f} real tokens)",
         "steps": args.steps,
     }
