@@ -1,12 +1,14 @@
 """The demo model's training step on CPU, side by side in one run: float32 with the output head on every
 position (plain transformers' causal-LM loss) against ours, the head on the labelled positions only (what
-N2-Eye's model does in training mode), in float32 and under bf16 autocast (`n2eye train --bf16`).
+N2-Eye's model does in training mode), in float32 and under bf16 autocast (`n2eye train --bf16`); each with
+glibc's default allocator and with freed memory kept in the process (`n2eye train` on CPU, `cpu_allocator`).
 
-    python benchmarks/train_step.py [--steps 20] [--sessions 400] [--out benchmarks/results/train_step.json]
+    python benchmarks/train_step.py [--steps 20] [--rounds 3] [--sessions 400] [--out benchmarks/results/train_step.json]
 
-Same packed batches (8 rows of 512 tokens from the shapes world, as `n2eye demo` trains), frozen vision tower;
-each variant's median over `--steps` forward + backward + AdamW steps, alternating variants step by step so a
-noisy host slows both alike.
+Same packed batches (rows of the demo's length and number, from the shapes world), frozen vision tower; each
+variant's median over its forward + backward + AdamW steps, alternating variants step by step so a noisy host
+slows all alike. The allocator setting holds for a whole process, so the two settings run in child processes
+taking turns, `--rounds` times each, `--steps` steps per variant per child.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,16 +25,56 @@ from pathlib import Path
 import torch
 
 
+VARIANTS = ("reference", "ours", "ours_bf16")
+ALLOCATORS = ("default", "kept_memory")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="child processes per allocator setting, alternating")
     parser.add_argument("--sessions", type=int, default=400, help="shapes-world sessions to pack into batches")
     parser.add_argument("--out", default="benchmarks/results/train_step.json")
+    parser.add_argument("--child", choices=ALLOCATORS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(args)))
+        return
+
+    from n2eye.bench import machine_name
+
+    times = {(name, alloc): [] for name in VARIANTS for alloc in ALLOCATORS}
+    info: dict = {}
+    for _ in range(args.rounds):
+        for alloc in ALLOCATORS:
+            command = [sys.executable, __file__, "--child", alloc, "--steps", str(args.steps), "--sessions", str(args.sessions)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SystemExit(f"child ({alloc}) failed:\n{done.stderr[-3000:]}")
+            child = json.loads(done.stdout.strip().splitlines()[-1])
+            info = child["info"]
+            for name in VARIANTS:
+                times[(name, alloc)] += child["times"][name]
+    result = {"machine": machine_name(), **info, "steps": args.steps, "rounds": args.rounds}
+    base = statistics.median(times[("reference", "default")])
+    for (name, alloc), ts in times.items():
+        key = name if alloc == "default" else f"{name}_{alloc}"
+        result[f"{key}_s_per_step"] = statistics.median(ts)
+        result[f"{key}_speedup"] = base / statistics.median(ts)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+def measure(args) -> dict:
+    """One child: the allocator set for this process, then every variant timed in alternation."""
+    from n2eye.train.cpu_allocator import keep_freed_memory
+
+    if args.child == "kept_memory" and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() had no effect here (not glibc?)")
 
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from n2eye.bench import machine_name
     from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
     from n2eye.data.packing import PackedCollator, pack_examples
@@ -78,18 +122,11 @@ def main() -> None:
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
-    result = {
-        "machine": machine_name(),
+    info = {
         "model": f"n2eye demo model (LFM2 hidden 128 x 4 layers: {', '.join(LM_LAYERS)}; SigLIP 96 px x 1 layer, vision frozen)",
         "batch": f"{rows_per_step} packed rows of {pack_length} tokens ({tokens:.0f} real tokens)",
-        "steps": args.steps,
     }
-    for name, _ in variants:
-        result[f"{name}_s_per_step"] = statistics.median(times[name])
-        result[f"{name}_speedup"] = statistics.median(times["reference"]) / statistics.median(times[name])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    return {"info": info, "times": times}
 
 
 if __name__ == "__main__":

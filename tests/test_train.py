@@ -367,16 +367,46 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_checkpoint):
 
 
 def test_train_step_benchmark_runs_as_documented(tmp_path):
-    """benchmarks/README's `python benchmarks/train_step.py`, shortened: all three variants timed, JSON written."""
+    """benchmarks/README's `python benchmarks/train_step.py`, shortened: all three variants timed under both
+    allocator settings, JSON written."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "train_step.json"
     done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "train_step.py"), "--steps", "1", "--sessions", "40", "--out", str(out)],
+        [sys.executable, str(root / "benchmarks" / "train_step.py"), "--steps", "1", "--rounds", "1", "--sessions", "40",
+         "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=root,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     for name in ("reference", "ours", "ours_bf16"):
-        assert result[f"{name}_s_per_step"] > 0
+        assert result[f"{name}_s_per_step"] > 0 and result[f"{name}_kept_memory_s_per_step"] > 0
     assert result["reference_speedup"] == 1.0 and result["machine"]
     assert "python benchmarks/train_step.py" in (root / "benchmarks" / "README.md").read_text()
+
+
+_FREED_MEMORY_PROBE = """
+import sys, torch
+from n2eye.train.cpu_allocator import keep_freed_memory
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+if sys.argv[1] == 'keep':
+    assert keep_freed_memory()
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, every page touched
+before = rss()
+del x
+print(before - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_keep_freed_memory_stops_handing_tensor_memory_back_to_the_kernel():
+    """The default returns a freed 64 MiB tensor to the kernel at once (the next step faults in fresh pages);
+    after `keep_freed_memory()` (what `n2eye train` calls on CPU) the memory stays for reuse."""
+
+    def dropped(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _FREED_MEMORY_PROBE, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(done.stdout.split()[-1])
+
+    assert dropped("default") > 48 * 2**20
+    assert dropped("keep") < 8 * 2**20

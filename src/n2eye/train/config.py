@@ -95,6 +95,9 @@ class TrainConfig:
     """Where the feature cache lives (default: $N2EYE_CACHE/features, i.e. ~/.cache/n2eye/features)."""
     max_samples: int = 0
     """Use only the first N usable conversations (0: all)."""
+    keep_freed_memory: bool = True
+    """On CPU, keep freed tensor memory in the process for the next step instead of returning it to the kernel
+    (glibc mallopt; ~20% faster steps on small models, the process holds its peak memory until it exits)."""
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:

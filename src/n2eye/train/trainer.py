@@ -24,6 +24,7 @@ from ..data.report import SkipReport, SkipRow
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.processing_n2eye import N2EyeProcessor
 from .config import LR_SCHEDULES, TrainConfig
+from .cpu_allocator import keep_freed_memory
 from .modes import configure_trainable, count_trainable, merge_lora, parameter_groups
 
 STAGING = ".staging"
@@ -276,6 +277,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     check_writable(out / "final")
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
+    if cfg.keep_freed_memory and not torch.cuda.is_available():
+        keep_freed_memory()
     processor = N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True)
     model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
     n_bytes = sum(p.numel() for p in model.parameters()) * 2  # a bf16-or-better copy per checkpoint
