@@ -114,3 +114,15 @@ def test_presets_listed_in_unknown_preset_error(preset):
 
     with pytest.raises(ValueError, match=preset):
         get_preset("nope")
+
+
+def test_every_command_help_prints(capsys):
+    """`n2eye <command> --help` for every command: field docstrings become help text, and a '%' in one must not
+    break argparse's formatting (`n2eye train --help` once crashed on "1.07x ... 20%")."""
+    from n2eye.cli import COMMANDS, make_parser
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            make_parser([name, "--help"]).parse_args([name, "--help"])
+        assert done.value.code == 0, name
+        assert "--" in capsys.readouterr().out, name
