@@ -295,6 +295,7 @@ def test_conversations_cut_at_max_length_are_counted_and_reported(tiny_checkpoin
     report = json.loads((tmp_path / "run" / "train_result.json").read_text())["skipped"]
     assert report["truncated"] == 8 and report["skipped"] == 0
     assert "123 tokens with images; --max-length is 112" in report["truncated_examples"][0]["detail"]
+    assert report["truncated_examples"][0]["row"] not in ("None", "")  # names the source row
     assert "8 cut at the length limit" in capsys.readouterr().out
     run_train(tiny_checkpoint, dataset, tmp_path / "whole", max_steps=2)
     assert json.loads((tmp_path / "whole" / "train_result.json").read_text())["skipped"]["truncated"] == 0

@@ -496,6 +496,7 @@ def _generate(dataset: Any, adapter: ConversationAdapter, report: SkipReport, ch
             logger.debug("skipped row %s", _row_id(row, index), exc_info=True)
             continue
         report.add_kept()
+        conversation.setdefault("metadata", {})["row"] = _row_id(row, index)  # names it in later skip reports
         yield conversation
     if report.skipped:
         logger.warning("data: %s", report.summary())

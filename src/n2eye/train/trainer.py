@@ -30,10 +30,15 @@ from .modes import configure_trainable, count_trainable, merge_lora, parameter_g
 STAGING = ".staging"
 
 
+def _row_of(conversation: dict):
+    """The source row's session id, id or index (set by the format adapters' reader), for skip reports."""
+    return (conversation.get("metadata") or {}).get("row")
+
+
 def _count_truncation(example: dict, conversation: dict, max_length: int, report: SkipReport) -> None:
     full = example.pop(TRUNCATED_FROM, None)
     if full is not None:
-        row = conversation.get("metadata", {}).get("id")
+        row = _row_of(conversation)
         report.add_truncated(row, f"{full} tokens with images; --max-length is {max_length}")
 
 
@@ -52,7 +57,7 @@ def encode_dataset(
             example = encode_conversation(processor, conversation, max_length, last_turn_only)
         except SkipRow as skip:
             report.add_kept(-1)  # the adapter counted it as kept; tokenization skipped it
-            report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
+            report.add(skip.reason, _row_of(conversation), skip.detail)
             continue
         _count_truncation(example, conversation, max_length, report)
         examples.append(example)
@@ -80,7 +85,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
                 example = encode_conversation(self.processor, conversation, self.cfg.max_length, self.cfg.last_turn_only)
             except SkipRow as skip:
                 self.report.add_kept(-1)
-                self.report.add(skip.reason, conversation.get("metadata", {}).get("id"), skip.detail)
+                self.report.add(skip.reason, _row_of(conversation), skip.detail)
                 continue
             _count_truncation(example, conversation, self.cfg.max_length, self.report)
             if self.feature_cache is not None and example.get("pixel_values") is not None:
