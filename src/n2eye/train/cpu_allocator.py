@@ -17,8 +17,6 @@ import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc's defaults (its dynamic thresholds start here and rise with use; any mallopt call turns that off).
-GLIBC_DEFAULT_THRESHOLD = 128 * 1024
 KEEP_MMAP_THRESHOLD = 1 << 30  # blocks above 1 GiB (whole weight matrices of big models) still get their own mmap
 KEEP_TRIM_THRESHOLD = (1 << 31) - 1  # mallopt takes an int: never trim short of 2 GiB of free heap top
 
@@ -44,10 +42,7 @@ def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     ok = bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
     if not ok:  # older glibc caps the mmap threshold at 32 MiB on 64-bit
         ok = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024))
-    ok = bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)) and ok
-    if trim_threshold <= GLIBC_DEFAULT_THRESHOLD:
-        libc.malloc_trim(0)
-    return ok
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)) and ok
 
 
 def keep_freed_memory() -> bool:
