@@ -47,3 +47,16 @@ def test_eval_cli_and_unwritable_output(trained_tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "n2eye.cli", "eval", "--model", str(trained_tiny), "--data",
                           str(EXAMPLES), "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "is a folder" in bad.stderr
+
+
+def test_answers_cut_at_max_new_tokens_are_counted_and_reported(trained_tiny, tmp_path, capsys):
+    """A limit shorter than the answers: each cut answer is marked, counted, and the run says how to fix it
+    (the demo's old 96-token limit cut 4-box grounding answers, scored 0 as unparsable JSON)."""
+    from n2eye.eval.runner import EvalConfig, evaluate
+
+    cut = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "c.json"), max_new_tokens=1,
+                              max_samples=2))  # fmt: skip
+    assert cut["cut_at_max_new_tokens"] == 4 and all(r["cut_at_max_new_tokens"] for r in cut["predictions"])
+    assert "raise --max-new-tokens" in capsys.readouterr().out
+    whole = evaluate(EvalConfig(model=str(trained_tiny), data=str(EXAMPLES), out=str(tmp_path / "w.json"), max_samples=2))
+    assert whole["cut_at_max_new_tokens"] == 0 and "raise --max-new-tokens" not in capsys.readouterr().out

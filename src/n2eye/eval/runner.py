@@ -32,8 +32,8 @@ class EvalConfig:
     """Data format: auto, cragmm, messages or llava."""
     batch_size: int = 16
     """Turns generated together."""
-    max_new_tokens: int = 96
-    """Longest answer."""
+    max_new_tokens: int = 256
+    """Longest answer; an answer cut here scores as written (usually 0) and is counted as cut in the result."""
     max_samples: int = 0
     """Evaluate only the first N conversations (0: all)."""
     blank_images: bool = False
@@ -114,26 +114,33 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
             for request in chunk:
                 groups.setdefault(json.dumps(request["tools"], sort_keys=True), []).append(request)
             for tools_key, group in groups.items():
-                predictions = engine.generate_batch(
+                completions = engine.complete_batch(
                     [r["history"] for r in group],
                     tools=json.loads(tools_key),
                     do_sample=False,
                     max_new_tokens=cfg.max_new_tokens,
                     repetition_penalty=1.0,
                 )
-                for request, prediction in zip(group, predictions):
+                for request, completion in zip(group, completions):
+                    prediction = completion["text"]
                     scored = score_turn(prediction, request["reference"], request["qtype"], request["reference_tool_calls"])
                     question = request["history"][-1]["content"]
                     if isinstance(question, list):
                         question = " ".join(i.get("text", "<image>") for i in question if isinstance(i, dict))
                     records.append({"conversation": request["conversation"], "question": question,
-                                    "reference": request["reference"], "prediction": prediction, **scored})  # fmt: skip
+                                    "reference": request["reference"], "prediction": prediction,
+                                    "cut_at_max_new_tokens": completion["finish_reason"] == "length", **scored})  # fmt: skip
             bar.update(len(chunk))
     summary = aggregate(records) if records else {"per_type": {}, "overall": None, "macro": None, "n": 0}
-    result = {"config": asdict(cfg), **summary, "skipped": report.to_dict(), "predictions": records}
+    cut = sum(r["cut_at_max_new_tokens"] for r in records)
+    result = {"config": asdict(cfg), **summary, "cut_at_max_new_tokens": cut, "skipped": report.to_dict(),
+              "predictions": records}
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out)
     print(format_table(summary["per_type"]))
+    if cut:
+        print(f"warning: {cut} of {len(records)} answers were cut at --max-new-tokens {cfg.max_new_tokens} (scored as "
+              "cut, usually 0); raise --max-new-tokens if the references are longer")
     print(f"results: {out}")
     return result
