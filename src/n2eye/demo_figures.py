@@ -16,7 +16,7 @@ def draw_heldout_examples(engine, heldout_spec: str, out_png: Path, n: int = 8) 
     import matplotlib.pyplot as plt
 
     from .data.formats import load_many
-    from .eval.runner import turn_requests
+    from .eval.runner import EvalConfig, turn_requests
     from .eval.scoring import parse_boxes
 
     picked: list[dict] = []
@@ -38,7 +38,8 @@ def draw_heldout_examples(engine, heldout_spec: str, out_png: Path, n: int = 8) 
     axes = axes.flatten() if hasattr(axes, "flatten") else [axes]
     example = None
     for ax, item in zip(axes, picked):
-        answer = engine.chat(item["history"], do_sample=False, max_new_tokens=96, repetition_penalty=1.0)
+        answer = engine.chat(item["history"], do_sample=False, max_new_tokens=EvalConfig.max_new_tokens,
+                             repetition_penalty=1.0)  # as `n2eye eval` answers (96 tokens cut 4-box answers)
         image = item["image"]
         ax.imshow(image)
         width, height = image.size
