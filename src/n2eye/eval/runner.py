@@ -141,6 +141,6 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     print(format_table(summary["per_type"]))
     if cut:
         print(f"warning: {cut} of {len(records)} answers were cut at --max-new-tokens {cfg.max_new_tokens} (scored as "
-              "cut, usually 0); raise --max-new-tokens if the references are longer")
+              "written, usually 0); raise --max-new-tokens if the references are longer")
     print(f"results: {out}")
     return result
