@@ -45,8 +45,9 @@ class DemoConfig:
 # tool sessions never showed a closed call and tool calls scored 0%; shorter rows than 512 make attention cheaper
 # (a row's attention costs its length squared, masked blocks included). With the pretrained vision tower frozen a
 # step costs ~0.23 s (`n2eye train` keeps freed memory in the process). Measured at seed 0 and 1: 1800 steps
-# instead of 1400 turned seed 1 from colour 68-77% and count 80-87% into 100% and 100%; three attention layers instead of two (each answer needs two hops: the
-# question's object, then its image token) lifted shape from 69% to 82% and grounding from 0.27 to 0.38 at 1400
+# instead of 1400 turned seed 1 from colour 68-77% and count 80-87% into 100% and 100%; three attention layers
+# instead of two (each answer needs two hops: the question's object, then its image token) lifted shape from 69%
+# to 82% and grounding from 0.27 to 0.38 at 1400
 # steps; wsd (constant rate, then decay) instead of cosine was about even. lr 1e-3 beat 2e-3 on the
 # colour-of-the-<shape> question alone. Float32: bf16 autocast is 1.37x faster per step but lost the learned
 # circuits (README). --quick says colour answers as sentences ("The circle is red.", `synthetic.colour_sentence`)
