@@ -1,5 +1,5 @@
-"""The demo's vision pretraining: per-cell labels are right, the tower learns to tell every cell's colour, shape
-and size within a few seconds, and ends frozen (as a pretrained SigLIP is in the real recipe)."""
+"""The demo's vision pretraining: per-cell labels are right, the tower learns to tell every cell's colour, shape,
+size and box edges within a few seconds, and ends frozen (as a pretrained SigLIP is in the real recipe)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 def test_cell_labels_name_each_objects_cell_and_mark_the_rest_empty():
     from n2eye.data import synthetic as S
-    from n2eye.demo_vision import cell_labels
+    from n2eye.demo_vision import BOX_EDGES, cell_labels, edge_classes
 
     scene = S.make_scene(random.Random(3), 96, shapes=["circle", "triangle"], colours=["red", "blue"])
     labels = cell_labels(scene)
@@ -22,8 +22,10 @@ def test_cell_labels_name_each_objects_cell_and_mark_the_rest_empty():
             assert labels["colour"][index] == S.COLOURS.index(obj.colour)
             assert labels["shape"][index] == S.SHAPES.index(obj.shape)
             assert S.object_sides(96)[labels["size"][index]] == obj.size
+            assert [labels[edge][index] * S.SNAP for edge in BOX_EDGES] == list(obj.bbox)
         else:
             assert (labels["colour"][index], labels["shape"][index], labels["size"][index]) == (4, 3, 4)
+            assert {labels[edge][index] for edge in BOX_EDGES} == {edge_classes(96) - 1}
 
 
 def test_object_cell_is_the_grid_cell_of_its_centre():

@@ -123,6 +123,24 @@ def test_box_coordinates_tokenize_in_one_layout(tokenizer):
 
 
 
+def test_demo_tokenizer_learns_the_worlds_words_and_keeps_coordinates_whole(tmp_path, tokenizer):
+    """The demo's tokenizer also trains on the shapes world's phrasing: the model-card grounding prompt comes out
+    in far fewer tokens than from the generic tiny tokenizer (so packed rows hold more conversations), and box
+    coordinates keep their one layout."""
+    from n2eye.data import synthetic as S
+    from n2eye.demo import DEMO_VOCAB
+
+    demo = train_tiny_tokenizer(tmp_path, vocab_size=DEMO_VOCAB, extra_corpus=S.tokenizer_corpus())
+    prompt = S.grounding_question("triangle")
+    assert len(demo.tokenize(prompt)) <= 0.6 * len(tokenizer.tokenize(prompt))
+    for word in ("Detect", "instances", "Coordinates", "normalized", "triangle"):
+        assert len(demo.tokenize(" " + word)) == 1, word
+    for i in range(100):
+        assert demo.tokenize(f"0.{i:02d}") == ["0", ".", f"{i:02d}"], i
+    assert demo.tokenize("1.00") == ["1", ".", "00"]
+    assert demo.decode(demo.encode(prompt, add_special_tokens=False)) == prompt
+
+
 def test_tokenizer_training_is_deterministic(tmp_path, backbones):
     train_tiny_tokenizer(tmp_path, vocab_size=1024)
     fresh = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
