@@ -78,7 +78,7 @@ def measure(args) -> dict:
     from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
     from n2eye.data.packing import PackedCollator, pack_examples
-    from n2eye.demo import FULL, IMAGE_SIZE, LM_LAYERS, demo_model
+    from n2eye.demo import FULL, IMAGE_SIZE, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
 
     pack_length, rows_per_step = FULL["pack_length"], FULL["batch_size"]  # the demo's packed steps
@@ -122,8 +122,9 @@ def measure(args) -> dict:
             if step >= 2:
                 times[name].append(time.perf_counter() - start)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    layers = model.config.text_config.layer_types
     info = {
-        "model": f"n2eye demo model (LFM2 hidden 128 x 4 layers: {', '.join(LM_LAYERS)}; SigLIP 96 px x 1 layer, vision frozen)",
+        "model": f"n2eye demo model (LFM2 hidden 128 x {len(layers)} layers: {', '.join(layers)}; SigLIP 96 px x 1 layer, vision frozen)",
         "batch": f"{rows_per_step} packed rows of {pack_length} tokens ({tokens:.0f} real tokens)",
     }
     return {"info": info, "times": times}
