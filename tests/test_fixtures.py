@@ -117,6 +117,10 @@ def test_newline_is_a_token(tokenizer):
 def test_box_coordinates_tokenize_in_one_layout(tokenizer):
     """Every two-decimal coordinate is "0" "." "NN" (like the real LFM2 vocabulary, which holds all 1-3 digit
     numbers): the round tens used to split ("0.30" as 0 . 3 0 beside "0.35" as 0 . 35)."""
+    assert_coordinates_in_one_layout(tokenizer)
+
+
+def assert_coordinates_in_one_layout(tokenizer) -> None:
     for i in range(100):
         assert tokenizer.tokenize(f"0.{i:02d}") == ["0", ".", f"{i:02d}"], i
     assert tokenizer.tokenize("1.00") == ["1", ".", "00"]
@@ -135,9 +139,7 @@ def test_demo_tokenizer_learns_the_worlds_words_and_keeps_coordinates_whole(tmp_
     assert len(demo.tokenize(prompt)) <= 0.6 * len(tokenizer.tokenize(prompt))
     for word in ("Detect", "instances", "Coordinates", "normalized", "triangle"):
         assert len(demo.tokenize(" " + word)) == 1, word
-    for i in range(100):
-        assert demo.tokenize(f"0.{i:02d}") == ["0", ".", f"{i:02d}"], i
-    assert demo.tokenize("1.00") == ["1", ".", "00"]
+    assert_coordinates_in_one_layout(demo)
     assert demo.decode(demo.encode(prompt, add_special_tokens=False)) == prompt
 
 

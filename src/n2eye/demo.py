@@ -65,10 +65,10 @@ class DemoConfig:
 # the full run's its colour stayed at 22-41% in its 430 steps (put back one at a time, the mix last: 52%).
 FULL = {"n_train": 8000, "n_heldout": 300, "steps": 2150, "batch_size": 10, "pack_length": 400, "lr": 1e-3,
         "colour_sentences": False, "attention_layers": 4, "mlp_size": 256, "world_tokenizer": True,
-        "box_edge_probes": True, "middle_modes": "MIDDLE_MODES"}
+        "box_edge_probes": True, "earlier_question_mix": False}
 QUICK = {"n_train": 1500, "n_heldout": 200, "steps": 430, "batch_size": 7, "pack_length": 400, "lr": 1e-3,
          "colour_sentences": True, "attention_layers": 3, "mlp_size": 384, "world_tokenizer": False,
-         "box_edge_probes": False, "middle_modes": "EARLIER_MIDDLE_MODES"}
+         "box_edge_probes": False, "earlier_question_mix": True}
 # The issue's held-out targets for the full run (grounding: mean IoU); result.json and the printout show each.
 TARGETS = {"colour": 0.9, "count": 0.9, "shape": 0.8, "position": 0.8, "grounding": 0.5}
 IMAGE_SIZE = 96
@@ -140,8 +140,7 @@ def _mark_done(path: Path, info: dict | None = None) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Runs (or resumes) the demo and returns the result dict also written to out/result.json."""
-    from .data import synthetic
-    from .data.synthetic import chance_levels, tokenizer_corpus, write_demo_dataset
+    from .data.synthetic import EARLIER_MIDDLE_MODES, chance_levels, tokenizer_corpus, write_demo_dataset
     from .eval.runner import EvalConfig, evaluate
     from .eval.scoring import format_table
     from .fixtures import train_tiny_tokenizer
@@ -168,9 +167,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data_dir = out / "data"
     if not _stage_done(data_dir):
         shutil.rmtree(data_dir, ignore_errors=True)
+        mix = EARLIER_MIDDLE_MODES if settings["earlier_question_mix"] else None  # None: synthetic.MIDDLE_MODES
         written = write_demo_dataset(data_dir, settings["n_train"], settings["n_heldout"], seed=cfg.seed,
                                      size=IMAGE_SIZE, colour_sentences=settings["colour_sentences"],
-                                     middle_modes=getattr(synthetic, settings["middle_modes"]))  # fmt: skip
+                                     middle_modes=mix)  # fmt: skip
         _mark_done(data_dir, {k: {kk: str(vv) for kk, vv in v.items()} for k, v in written.items()
                               if k in ("train", "heldout")})  # fmt: skip
     paths = json.loads((data_dir / ".done").read_text())
