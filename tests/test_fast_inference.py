@@ -132,6 +132,10 @@ def test_readme_bench_command_writes_records_table_and_chart(tmp_path):
         assert decode["decode_bf16_kernel"]["logit_max_abs_diff"] <= 0.05 * decode["decode_bf16"]["logit_scale"]
     assert decode["decode_int4"]["weight_bytes_per_token"] < decode["decode_int8"]["weight_bytes_per_token"] \
         < decode["decode_bf16"]["weight_bytes_per_token"]  # fmt: skip
+    cache = next(r for r in records if r["name"] == "train_samples_feature_cache")
+    assert 0 < cache["vision_share"] < 1 and cache["max_ratio"] == pytest.approx(1 / (1 - cache["vision_share"]))
+    assert cache["bound"] == pytest.approx(cache["ratio"] / cache["max_ratio"]) and cache["bound_kind"]
+    assert decode["decode_bf16"]["bound_kind"] == "memory bandwidth"
     assert "| decode_int8 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
 

@@ -289,6 +289,25 @@ def test_feature_cache_skips_the_vision_tower_with_the_same_loss(tiny_checkpoint
     assert "8 reused, 0 computed" in capsys.readouterr().out
 
 
+def test_bf16_run_fills_the_cache_under_autocast_in_its_own_namespace(tiny_model, tmp_path):
+    """A bf16 run caches what its own training forward computes (and fills 2x faster than float32 on a CPU),
+    stored in the tower's dtype; a float32 run never reads those grids."""
+    from n2eye.train.feature_cache import VisionFeatureCache
+
+    model, processor = tiny_model
+    pixels = processor.image_processor(images=[draw_shapes(shape="square")], return_tensors="pt")["pixel_values"]
+    float32 = VisionFeatureCache(model, tmp_path)
+    bf16 = VisionFeatureCache(model, tmp_path, bf16=True, device="cpu")
+    assert float32.dir != bf16.dir
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.model.encode_images(pixels)[0]
+    grid = bf16.grids(pixels)[0]
+    assert grid.dtype == torch.float32 and (bf16.misses, bf16.hits) == (1, 0)
+    torch.testing.assert_close(grid, expected.float(), rtol=0, atol=0)
+    assert not torch.equal(float32.grids(pixels)[0], grid)  # float32 computed its own
+    assert torch.equal(VisionFeatureCache(model, tmp_path, bf16=True).grids(pixels)[0], grid)
+
+
 def test_conversations_cut_at_max_length_are_counted_and_reported(tiny_checkpoint, dataset, tmp_path, capsys):
     """A cut conversation trains on what fits, and the run says how many were cut and how to keep them whole."""
     run_train(tiny_checkpoint, dataset, tmp_path / "run", max_steps=2, max_length=112)

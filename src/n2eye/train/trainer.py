@@ -198,9 +198,14 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     return out_png
 
 
+def uses_bf16(cfg: TrainConfig) -> bool:
+    """--bf16, unless the GPU can't run it (then float32, as the Trainer would refuse bf16 there)."""
+    return cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+
+
 def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     report_to = [] if cfg.report_to in ("", "none") else cfg.report_to.split(",")
-    use_bf16 = cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
+    use_bf16 = uses_bf16(cfg)
     return TrainingArguments(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
@@ -242,10 +247,14 @@ def make_feature_cache(model, cfg: TrainConfig):
     """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off."""
     if not cfg.feature_cache or cfg.train_vision:
         return None
+    from accelerate import PartialState
+
     from ..build import cache_dir as default_cache_dir
     from .feature_cache import VisionFeatureCache
 
-    return VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features")
+    # this process's device (a GPU under torchrun / accelerate), where the Trainer will put the model anyway
+    return VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features", bf16=uses_bf16(cfg),
+                              device=PartialState().device)  # fmt: skip
 
 
 def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport):
