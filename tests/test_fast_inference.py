@@ -136,8 +136,41 @@ def test_readme_bench_command_writes_records_table_and_chart(tmp_path):
     assert 0 < cache["vision_share"] < 1 and cache["max_ratio"] == pytest.approx(1 / (1 - cache["vision_share"]))
     assert cache["bound"] == pytest.approx(cache["ratio"] / cache["max_ratio"]) and cache["bound_kind"]
     assert decode["decode_bf16"]["bound_kind"] == "memory bandwidth"
+    flops = next(r for r in records if r["name"] == "train_model_flops")  # full training: 6 FLOPs per parameter
+    assert flops["flops_per_token"] == 6 * sum(p.numel() for p in _tiny_language_model().parameters())
+    assert flops["ours"] == pytest.approx(flops["flops_per_token"] * flops["tokens_per_s"] / 1e12)
+    assert 0 < flops["bound"] == pytest.approx(flops["ours"] / flops["matmul_peak_tflops"])
     assert "| decode_int8 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def _tiny_language_model():
+    from n2eye.build import build_random
+
+    return build_random("tiny")[0].model.language_model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a host without a GPU")
+def test_bench_on_cuda_without_a_gpu_says_what_to_do():
+    from n2eye.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="sees no CUDA GPU.*--device cpu"):
+        BenchConfig(device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu/run.sh on a lent one)")
+def test_bench_on_cuda_measures_against_the_gpu(tmp_path):
+    """`n2eye bench --device cuda`: the CPU-only paths are skipped, decode is put against the GPU's bandwidth,
+    training (n2eye train on the GPU, with and without the feature cache) against its matmul rate."""
+    from n2eye.bench import BenchConfig, run_bench
+
+    out = tmp_path / "bench.json"
+    records = {r["name"]: r for r in run_bench(BenchConfig(preset="tiny", device="cuda", out=str(out), decode_rounds=2))}
+    assert not {"decode_int8", "decode_int4", "decode_bf16_kernel"} & set(records)
+    assert records["decode_bf16"]["ratio"] > 0 and records["decode_bf16"]["bound"] > 0
+    assert records["decode_bf16"]["logit_max_abs_diff"] == 0
+    assert records["train_model_flops"]["bound"] > 0 and records["train_samples_feature_cache"]["ratio"] > 0
+    assert records["peak_gpu_memory"]["ours"] > 0 and torch.cuda.get_device_name(0) in records["peak_rss"]["machine"]
 
 
 def test_bench_refuses_a_folder_as_out(tmp_path):
@@ -292,3 +325,19 @@ def test_compile_decode_benchmark_runs_as_documented(tmp_path):
     assert result["compile_s"] > 0 and result["compile_static_cache_s"] > 0 and result["pytorch_kernels_speedup"] == 1.0
     assert result["compiled_tokens_per_s"] > 0 and result["compiled_static_cache_tokens_per_s"] > 0
     assert result["fast_paths_same_tokens"] is True and result["static_cache_same_tokens"] is True
+
+
+def test_gpu_wheel_list_pins_what_training_needs_and_leaves_torch_to_the_gpu_image():
+    """benchmarks/gpu/wheels.py: what travels to a GPU machine that reaches no index (benchmarks/gpu/run.sh)."""
+    import importlib.util
+    from importlib import metadata
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "wheels.py"
+    spec = importlib.util.spec_from_file_location("gpu_wheels", path)
+    wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheels)
+    pinned = wheels.closure()
+    for name in ("transformers", "datasets", "peft", "accelerate", "tokenizers", "huggingface-hub", "dill"):
+        assert pinned[name] == metadata.version(name), name
+    assert not {"torch", "numpy", "pyarrow", "sympy", "networkx"} & set(pinned)  # torch's own needs stay too
+    assert not [name for name in pinned if name.startswith("nvidia")]

@@ -51,34 +51,69 @@ class BenchConfig:
     threads: int = 0
     """torch threads (0: all cores)."""
     train_steps: int | None = None
-    """Optimizer steps per training figure (default: 30 on tiny, 4 on n2eye-1.3b; 0: skip the training figures)."""
+    """Optimizer steps per training figure (default: 30 on tiny, 4 on n2eye-1.3b, 10 there on a GPU; 0: skip)."""
+    device: str = "cpu"
+    """Where the model runs: cpu, or cuda (decode against the GPU's measured memory bandwidth, training against
+    its measured bf16 matmul rate; the CPU-only paths, our kernels and int8/int4, are skipped there)."""
+
+    def __post_init__(self):
+        if torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: PyTorch sees no CUDA GPU here (torch.cuda.is_available() "
+                             "is False); run on a GPU host with a CUDA build of torch, or use --device cpu.")  # fmt: skip
 
 
 # How each preset's training figures train. At the 1.3B shapes full fine-tuning needs ~26 GB (float32 weights,
 # gradients and AdamW states), more than a 24 GiB CPU host: LoRA on the LM with the projector fully trained (the
 # Idefics2 card's option) in the recipe's bf16 autocast, one CRAG-MM session per step. The tiny preset trains
 # fully in float32 (autocast only adds casts at hidden 64).
+# On a GPU the 1.3B figure runs the N2-Eye card's recipe itself: full fine-tuning, batch 2, bf16, gradient
+# checkpointing.
 TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"train": "full", "batch_size": 8, "steps": 30, "bf16": False, "sessions": 96},
     "n2eye-1.3b": {"train": "lora", "batch_size": 1, "steps": 4, "bf16": True, "sessions": 4},
+    "n2eye-1.3b@cuda": {"train": "full", "batch_size": 2, "steps": 10, "bf16": True, "sessions": 20,
+                        "gradient_checkpointing": True},
 }
 
 
-def _best(fn, repeats: int) -> float:
+def train_settings(preset: str, device: str) -> dict[str, Any]:
+    """How the preset's training figures train on this device (see TRAIN_SETTINGS)."""
+    kind = torch.device(device).type
+    return TRAIN_SETTINGS.get(f"{preset}@{kind}", TRAIN_SETTINGS[preset])
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Waits for queued GPU work, so a timer stops when the work is done (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _best(fn, repeats: int, device: str | torch.device = "cpu") -> float:
     fn()  # warm-up (allocations, lazy init)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
 
-def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+def memory_read_bandwidth(gib: float = 1.0, repeats: int = 5, device: str | torch.device = "cpu") -> float:
     """GB/s of a streaming read (sum over a float32 buffer far larger than the caches), best of `repeats`."""
-    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32)
-    seconds = _best(lambda: x.sum(), repeats)
+    x = torch.ones(int(gib * 2**30 // 4), dtype=torch.float32, device=device)
+    seconds = _best(lambda: x.sum(), repeats, device)
     return x.numel() * 4 / seconds / 1e9
+
+
+def matmul_flops(device: str | torch.device = "cpu", repeats: int = 3) -> float:
+    """FLOP/s of a large bf16 matrix product on the device, best of `repeats`: the measured peak that training
+    throughput is compared with (model FLOPs utilisation against what this machine can do, not a data sheet)."""
+    n = 8192 if torch.device(device).type == "cuda" else 2048
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    return 2 * n**3 / _best(lambda: a @ b, repeats, device)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -118,7 +153,8 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     n = ids.shape[1]
     with torch.inference_mode():
         model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n - 1]]))
+        out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True,
+                    position_ids=torch.tensor([[n - 1]], device=ids.device))  # fmt: skip
     return out.logits[0, -1].float()
 
 
@@ -139,17 +175,20 @@ def weight_sharing_copy(model):
     return copy.deepcopy(model, memo)
 
 
-def paired_decode_rates(generators: dict[str, Any], n: int, repeats: int) -> dict[str, float]:
+def paired_decode_rates(generators: dict[str, Any], n: int, repeats: int,
+                        device: str | torch.device = "cpu") -> dict[str, float]:  # fmt: skip
     """tokens/s of each `generator(k)` (k new tokens), all timed in alternation round after round, so a noisy
     host slows each alike: (n - 1) tokens over its best n-token time minus its best 1-token time (no prefill)."""
     best = {name: [math.inf, math.inf] for name in generators}
     for generate in generators.values():
         generate(1)  # warm-up (allocations, lazy init, kernel build)
+    synchronize(device)
     for _ in range(repeats):
         for name, generate in generators.items():
             for slot, k in enumerate((n, 1)):
                 start = time.perf_counter()
                 generate(k)
+                synchronize(device)
                 best[name][slot] = min(best[name][slot], time.perf_counter() - start)
     return {name: (n - 1) / max(1e-9, full - one) for name, (full, one) in best.items()}
 
@@ -161,10 +200,14 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
     one decode step against bf16. The bandwidth is measured again after the loop and the best is the bound."""
     torch.manual_seed(0)
     vocab = model.config.text_config.vocab_size
-    ids = torch.randint(20, vocab, (1, cfg.prompt_tokens))
+    ids = torch.randint(20, vocab, (1, cfg.prompt_tokens)).to(cfg.device)
     base_logits = _last_logits(model, ids)
     variants: dict[str, Any] = {}
+    on_cpu = torch.device(cfg.device).type == "cpu"
     for bits in ["bf16", "bf16_kernel"] + [b.strip() for b in cfg.quantize.split(",") if b.strip()]:
+        if bits != "bf16" and not on_cpu:
+            print(f"  decode_{bits}: a CPU path (our kernels, weight-only int8/int4); skipped on {cfg.device}")
+            continue
         variant = weight_sharing_copy(model)
         if bits.startswith("int"):
             quantize_language_model(variant, bits)
@@ -176,8 +219,8 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
         variants[bits] = variant
     generators = {"reference": lambda k: _reference_greedy(model, ids, k)}
     generators.update({bits: (lambda k, v=v: greedy_decode(v, ids, k, end_ids=())) for bits, v in variants.items()})
-    rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds)
-    bandwidth = max(bandwidth, memory_read_bandwidth())
+    rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds, cfg.device)
+    bandwidth = max(bandwidth, memory_read_bandwidth(device=cfg.device))
     records = []
     for bits, variant in variants.items():
         bytes_per_token = weight_bytes_per_token(variant)
@@ -196,7 +239,7 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
 def prefill_record(model, cfg: BenchConfig) -> dict[str, Any]:
     """Prompt tokens/s: our prefill (logits of the last position only) against a plain forward."""
     torch.manual_seed(1)
-    ids = torch.randint(20, model.config.text_config.vocab_size, (1, cfg.prompt_tokens * 8))
+    ids = torch.randint(20, model.config.text_config.vocab_size, (1, cfg.prompt_tokens * 8)).to(cfg.device)
 
     def ours():
         with torch.inference_mode():
@@ -207,7 +250,8 @@ def prefill_record(model, cfg: BenchConfig) -> dict[str, Any]:
             model(input_ids=ids)
 
     n = ids.shape[1]
-    return _record("prefill_bf16", "tokens/s", n / _best(ours, cfg.repeats), n / _best(reference, cfg.repeats))
+    return _record("prefill_bf16", "tokens/s", n / _best(ours, cfg.repeats, cfg.device),
+                   n / _best(reference, cfg.repeats, cfg.device))  # fmt: skip
 
 
 def _example_image(size: int = 384):
@@ -241,7 +285,8 @@ def ttft_records(engine, turns: int = 5) -> list[dict[str, Any]]:
                                                       return_dict=True, return_tensors="pt")  # fmt: skip
         inputs.pop("assistant_masks", None)
         with torch.inference_mode():
-            engine.model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            engine.model.generate(**inputs.to(engine.model.device), max_new_tokens=1, do_sample=False)
+        synchronize(engine.model.device)
         reference = time.perf_counter() - start
         records.append(_record(f"ttft_turn{i}", "s", ours, reference, prompt_tokens=int(inputs["input_ids"].shape[1])))
     return records
@@ -259,21 +304,22 @@ def vision_record(engine, repeats: int) -> dict[str, Any]:
 
     def reference():
         with torch.inference_mode():
-            engine.model.get_image_features(pixels)
+            engine.model.get_image_features(pixels.to(engine.model.device))
 
-    return _record("vision_encode", "images/s", 1 / _best(ours, repeats), 1 / _best(reference, repeats))
+    device = engine.model.device
+    return _record("vision_encode", "images/s", 1 / _best(ours, repeats, device), 1 / _best(reference, repeats, device))
 
 
 def vision_seconds_per_image(model, processor, bf16: bool, repeats: int) -> float:
     """The frozen vision tower's forward for one image as a training step runs it (float32 weights, bf16
     autocast when the run trains in bf16, no gradients): the work the feature cache takes out of each step."""
     tower = model.model.vision_tower
-    dtype = tower.dtype
-    pixels = processor.image_processor(images=[_example_image()], return_tensors="pt")["pixel_values"]
+    dtype, device = tower.dtype, model.device
+    pixels = processor.image_processor(images=[_example_image()], return_tensors="pt")["pixel_values"].to(device)
     tower.float()  # as `n2eye train` loads it; bf16 -> float32 -> bf16 below is exact
     try:
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return _best(lambda: model.model.encode_images(pixels), repeats)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return _best(lambda: model.model.encode_images(pixels), repeats, device)
     finally:
         tower.to(dtype)
 
@@ -285,7 +331,7 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
     from .checkpoint import default_generation_config, save_checkpoint
     from .data.synthetic import write_demo_dataset
 
-    settings = TRAIN_SETTINGS[cfg.preset]
+    settings = train_settings(cfg.preset, cfg.device)
     steps = cfg.train_steps or settings["steps"]
     batch = settings["batch_size"]
     checkpoint = work / "model"
@@ -294,28 +340,33 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
     written = write_demo_dataset(work / "data", settings["sessions"], 8, seed=0, size=96)
     spec = ",".join(str(p) for p in written["train"].values() if p)
 
-    def run(name: str, cache: bool) -> float:
+    def run(name: str, cache: bool) -> tuple[float, float]:
         """`n2eye train` in its own process, as a user runs it (and so each run's memory goes back when it ends);
         samples over the Trainer's own train_runtime (its optimisation loop only: not loading, encoding, saving;
         its train_samples_per_second is rounded to 3 decimals, too coarse at the 1.3B shapes)."""
         flags = {"--model": checkpoint, "--data": spec, "--out": work / name, "--train": settings["train"],
                  "--max-steps": steps, "--batch-size": batch, "--grad-accum": 1, "--logging-steps": steps,
                  "--feature-cache-dir": work / "features"}  # fmt: skip
-        switches = ["--bf16" if settings["bf16"] else "--no-bf16", "--no-gradient-checkpointing",
+        checkpointing = "--gradient-checkpointing" if settings.get("gradient_checkpointing") else "--no-gradient-checkpointing"
+        switches = ["--bf16" if settings["bf16"] else "--no-bf16", checkpointing,
                     "--feature-cache" if cache else "--no-feature-cache"]  # fmt: skip
         command = [sys.executable, "-m", "n2eye.cli", "train", *switches]
         command += [str(part) for pair in flags.items() for part in pair]
-        result = subprocess.run(command, capture_output=True, text=True)
+        env = dict(os.environ)
+        if torch.device(cfg.device).type == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU figure stays on the CPU on a GPU host too
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"training figure: `{' '.join(command)}` failed:\n{result.stderr[-3000:]}")
         logs = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
-        runtime = float(next(r["train_runtime"] for r in reversed(logs) if "train_samples_per_second" in r))
-        return steps * batch / runtime
+        final = next(r for r in reversed(logs) if "train_samples_per_second" in r)
+        runtime = float(final["train_runtime"])
+        return steps * batch / runtime, float(final["num_input_tokens_seen"]) / runtime
 
     try:
-        without = run("train-plain", cache=False)
+        without, _ = run("train-plain", cache=False)
         run("train-fill-cache", cache=True)
-        cached = run("train-cached", cache=True)
+        cached, cached_tokens = run("train-cached", cache=True)
     finally:
         import shutil
 
@@ -324,12 +375,25 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
     vision_s = vision_seconds_per_image(model, processor, settings["bf16"], cfg.repeats)
     vision_share = min(vision_s * without, 0.99)  # seconds of vision per sample x samples per second
     common = {"batch_size": batch, "steps": steps, "train": settings["train"], "bf16": settings["bf16"]}
+    # filling the cache costs one vision forward per image, in the run's precision; float32 is what a bf16 run's
+    # fill cost before the fill followed the run's precision
+    fill_float32 = vision_seconds_per_image(model, processor, False, cfg.repeats) if settings["bf16"] else vision_s
     cache_record = _record("train_samples_feature_cache", "samples/s", cached, without, **common,
                            vision_s_per_image=vision_s, vision_share=vision_share, max_ratio=1 / (1 - vision_share),
+                           fill_s_per_image=vision_s, fill_s_per_image_float32=fill_float32,
                            note="reference: the same run without the feature cache")  # fmt: skip
     cache_record["bound"] = cache_record["ratio"] / cache_record["max_ratio"]
     cache_record["bound_kind"] = "most a cache can give (the vision share of a step)"
-    return [_record("train_samples", "samples/s", without, None, **common), cache_record]
+    # model FLOPs of the cached run (no vision work left): the LM's forward (2N per token) and backward (4N with
+    # weight gradients, 2N for LoRA / projector-only, whose own weights are few); recomputation not counted
+    lm_params = sum(p.numel() for p in model.model.language_model.parameters())
+    per_token = (6 if settings["train"] == "full" else 4) * lm_params
+    peak = matmul_flops(cfg.device)
+    flops = _record("train_model_flops", "TFLOP/s", per_token * cached_tokens / 1e12, None, **common,
+                    tokens_per_s=cached_tokens, flops_per_token=per_token, matmul_peak_tflops=peak / 1e12)  # fmt: skip
+    flops["bound"] = per_token * cached_tokens / peak
+    flops["bound_kind"] = "measured bf16 matmul rate (model FLOPs utilisation)"
+    return [_record("train_samples", "samples/s", without, None, **common), cache_record, flops]
 
 
 def peak_rss_record() -> dict[str, Any]:
@@ -337,7 +401,8 @@ def peak_rss_record() -> dict[str, Any]:
     return _record("peak_rss", "MiB", kib / 1024, None)
 
 
-def machine_name() -> str:
+def machine_name(device: str | torch.device = "cpu") -> str:
+    """The CPU (and the GPU, for a GPU run), its cores, torch and its threads: what every figure is named with."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -346,7 +411,11 @@ def machine_name() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    name = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.device(device).type == "cuda":
+        gpu = torch.cuda.get_device_properties(torch.device(device))
+        name = f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}) on {name}"
+    return name
 
 
 def markdown_table(records: list[dict[str, Any]], machine: str, preset: str) -> str:
@@ -408,12 +477,12 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     check_output_file(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    machine = machine_name()
+    machine = machine_name(cfg.device)
     print(f"n2eye bench on {machine}")
-    bandwidth = memory_read_bandwidth()
+    bandwidth = memory_read_bandwidth(device=cfg.device)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s")
     model, processor = build_random(cfg.preset)
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(device=cfg.device, dtype=torch.bfloat16).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     records = [_record("memory_read_bandwidth", "GB/s", bandwidth, None)]
     steps = [("decode", lambda: decode_records(model, cfg, bandwidth)),
@@ -424,7 +493,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
         import tempfile
 
         work = Path(tempfile.mkdtemp(prefix="n2eye-bench-"))
-        mode = TRAIN_SETTINGS[cfg.preset]["train"]
+        mode = train_settings(cfg.preset, cfg.device)["train"]
         steps.append((f"training (n2eye train --train {mode}, frozen vision)",
                       lambda: train_records(model, processor, cfg, work)))  # fmt: skip
     for label, step in steps:
@@ -437,6 +506,8 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
                   f"{record['reference'] if record['reference'] is None else format(record['reference'], '.4g')}"
                   f", ratio {record['ratio'] if record['ratio'] is None else format(record['ratio'], '.2f')}")  # fmt: skip
     records.append(peak_rss_record())
+    if torch.device(cfg.device).type == "cuda":
+        records.append(_record("peak_gpu_memory", "MiB", torch.cuda.max_memory_allocated() / 2**20, None))
     for r in records:
         r["preset"], r["machine"] = cfg.preset, machine
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -32,7 +32,8 @@ def greedy_decode(
     seen = cache.get_seq_length()
     length = seen + input_ids.shape[1]
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                attention_mask=torch.ones((1, length), dtype=torch.long), **prefill_inputs)  # fmt: skip
+                attention_mask=torch.ones((1, length), dtype=torch.long, device=input_ids.device),
+                **prefill_inputs)  # fmt: skip
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     tokens = [token]
     for _ in range(max_new_tokens - 1):
@@ -40,7 +41,7 @@ def greedy_decode(
             break
         length += 1
         out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                    position_ids=torch.tensor([[length - 1]]))  # fmt: skip
+                    position_ids=torch.tensor([[length - 1]], device=input_ids.device))  # fmt: skip
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(token)
     return torch.cat(tokens, dim=1), cache
