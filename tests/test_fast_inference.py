@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -341,3 +342,24 @@ def test_gpu_wheel_list_pins_what_training_needs_and_leaves_torch_to_the_gpu_ima
         assert pinned[name] == metadata.version(name), name
     assert not {"torch", "numpy", "pyarrow", "sympy", "networkx"} & set(pinned)  # torch's own needs stay too
     assert not [name for name in pinned if name.startswith("nvidia")]
+
+
+def test_fetch_wheels_downloads_one_python_312_wheel_per_pinned_package(tmp_path):
+    """`bash benchmarks/gpu/fetch_wheels.sh` (benchmarks/README): everything it lists, small enough to travel."""
+    root = Path(__file__).resolve().parents[1]
+    assert "bash benchmarks/gpu/fetch_wheels.sh" in (root / "benchmarks" / "README.md").read_text()
+    env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "fetch_wheels.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    if done.returncode != 0 and re.search(r"(?i)connection|resolve|network|No matching distribution", done.stderr):
+        pytest.skip(f"no package index reachable: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    wheels = sorted((tmp_path / "whl").glob("*.whl"))
+    pinned = (tmp_path / "whl" / "requirements.txt").read_text().split()
+    assert len(wheels) == len(pinned)
+    for requirement in pinned:
+        name, version = requirement.split("==")
+        stem = re.sub(r"[-_.]+", "_", name).lower()
+        assert any(w.name.lower().startswith(f"{stem}-{version}-") for w in wheels), requirement
+    assert all(re.search(r"-(py3|py2.py3|py312|cp312|cp3\d*-abi3)-", w.name) for w in wheels)
+    assert sum(w.stat().st_size for w in wheels) < 48 * 2**20  # the device tool carries 64 MiB with the repo

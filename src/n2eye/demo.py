@@ -49,7 +49,7 @@ class DemoConfig:
 # instead of two (each answer needs two hops: the question's object, then its image token) lifted shape from 69%
 # to 82% and grounding from 0.27 to 0.38 at 1400
 # steps; wsd (constant rate, then decay) instead of cosine was about even. lr 1e-3 beat 2e-3 on the
-# colour-of-the-<shape> question alone. Float32: bf16 autocast is 1.37x faster per step but lost the learned
+# colour-of-the-<shape> question alone. Float32: bf16 autocast is 1.29-1.37x faster per step but lost the learned
 # circuits (README). --quick says colour answers as sentences ("The circle is red.", `synthetic.colour_sentence`)
 # and takes more, smaller steps: with bare words, or with 8-row steps, its colour stayed at chance (measured:
 # words 27%, sentences at 8 rows x 320 steps 29%, at 6 x 430 58%, chance 25%; 400 steps instead of 430: 21%);

@@ -97,7 +97,7 @@ class TrainConfig:
     """Use only the first N usable conversations (0: all)."""
     keep_freed_memory: bool = True
     """On CPU, keep freed tensor memory in the process for the next step instead of returning it to the kernel
-    (glibc mallopt; 1.07x faster float32 steps on the demo model, same numbers; the process holds its peak memory
+    (glibc mallopt; 1.01-1.07x faster float32 steps on the demo model, same numbers; the process holds its peak memory
     until it exits)."""
 
     def __post_init__(self) -> None:

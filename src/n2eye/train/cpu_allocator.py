@@ -3,7 +3,8 @@
 PyTorch allocates CPU tensors with plain malloc. glibc serves large blocks with a fresh mmap (or trims them off the
 heap's top) and returns them to the kernel on free, so every training step's activations land on new pages that
 the kernel must fault in and zero: keeping them made the demo model's float32 step (hidden 128, 10 x 400-token
-packed rows) 1.07x faster, 1.27x on unpacked random rows (`benchmarks/train_step.py`). The usual cure is to
+packed rows) 1.07x faster on a busy host (1.01x on a quiet one, 2026-12-03), 1.27x on unpacked random rows
+(`benchmarks/train_step.py`). The usual cure is to
 preload jemalloc or tcmalloc, or to export MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ before Python starts;
 `mallopt` sets the same two knobs from inside a running process, so `n2eye train` needs neither. The cost: the process keeps its peak heap (like a GPU
 caching allocator) until it exits. Elsewhere than glibc it does nothing.
