@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,13 +20,20 @@ def test_two_process_gloo_equals_single_process(tiny_checkpoint, tmp_path):
               "--seed", "3"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "n2eye.cli", *common, "--batch-size", "2", "--out",
-                             str(tmp_path / "single")], capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+                             str(tmp_path / "single"), "--feature-cache-dir", str(tmp_path / "features-single")],
+                            capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert single.returncode == 0, single.stderr[-2000:]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "n2eye.cli"]  # fmt: skip
-    ddp = subprocess.run([*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
+    ddp = subprocess.run([*launch, *common, "--batch-size", "1", "--out", str(tmp_path / "ddp"),
+                          "--feature-cache-dir", str(tmp_path / "features-ddp")],
                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # the frozen-vision cache: each process computed its share of the pictures, together all of them once
+    (computed,) = [int(n) for n in re.findall(r"(\d+) computed\n", single.stdout)]
+    shares = {int(rank): int(n) for n, rank in re.findall(r"(\d+) computed \(process (\d) of 2", ddp.stdout)}
+    assert set(shares) == {0, 1} and all(shares.values()) and sum(shares.values()) <= computed + 1, ddp.stdout[-2000:]
+    assert len(list((tmp_path / "features-ddp").rglob("*.safetensors"))) == computed
     a = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()

@@ -59,6 +59,12 @@ class VisionFeatureCache:
         return self.dir / f"{key}.safetensors"
 
     def grids(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """One grid per image: read from disk, computed and stored first where new."""
+        return self.load(self.fill(pixel_values))
+
+    def fill(self, pixel_values: torch.Tensor) -> list[str]:
+        """Computes and stores the grids of the images not on disk yet (counted as hits / misses); returns every
+        image's key for `load`."""
         keys = [pixel_key(p) for p in pixel_values]
         missing = [i for i, k in enumerate(keys) if not self._path(k).exists()]
         self.hits += len(keys) - len(missing)
@@ -71,6 +77,9 @@ class VisionFeatureCache:
                 tmp = path.with_suffix(f".tmp-{os.getpid()}")
                 save_file({"grid": grid.contiguous().cpu()}, str(tmp))
                 os.replace(tmp, path)
+        return keys
+
+    def load(self, keys: list[str]) -> list[torch.Tensor]:
         return [load_file(str(self._path(k)))["grid"] for k in keys]
 
     def _encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:

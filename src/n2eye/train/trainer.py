@@ -93,15 +93,29 @@ class StreamingExamples(torch.utils.data.IterableDataset):
             yield example
 
 
-def attach_cached_features(cache, examples: list[dict]) -> None:
-    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new)."""
+def attach_cached_features(cache, examples: list[dict], state=None) -> None:
+    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new). With several
+    processes (data parallel, `state`: the run's accelerate PartialState) each one computes its share of the new
+    images, then all read the whole set."""
     from tqdm.auto import tqdm
 
-    for example in tqdm(examples, desc="vision feature cache", unit="conv"):
+    from .feature_cache import pixel_key
+
+    sharded = state is not None and state.num_processes > 1
+    if sharded:
+        share = examples[state.process_index :: state.num_processes]
+        for example in tqdm(share, desc=f"vision feature cache, process {state.process_index}", unit="conv"):
+            pixels = example.get("pixel_values")
+            if pixels is not None and len(pixels):
+                cache.fill(pixels)
+        state.wait_for_everyone()
+    for example in tqdm(examples, desc="vision feature cache", unit="conv", disable=sharded):
         pixels = example.pop("pixel_values", None)
         if pixels is not None and len(pixels):
-            example["vision_features"] = cache.grids(pixels)
-    print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed")
+            keys = [pixel_key(p) for p in pixels] if sharded else cache.fill(pixels)  # sharded: all on disk now
+            example["vision_features"] = cache.load(keys)
+    where = f" (process {state.process_index} of {state.num_processes}, its share)" if sharded else ""
+    print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed{where}")
 
 
 class MetricsCallback(TrainerCallback):
@@ -243,23 +257,23 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     )
 
 
-def make_feature_cache(model, cfg: TrainConfig):
-    """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off."""
+def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = None):
+    """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off.
+    `device`: this process's (a GPU under torchrun / accelerate), where the Trainer will put the model anyway."""
     if not cfg.feature_cache or cfg.train_vision:
         return None
-    from accelerate import PartialState
-
     from ..build import cache_dir as default_cache_dir
     from .feature_cache import VisionFeatureCache
 
-    # this process's device (a GPU under torchrun / accelerate), where the Trainer will put the model anyway
     return VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features", bf16=uses_bf16(cfg),
-                              device=PartialState().device)  # fmt: skip
+                              device=device)  # fmt: skip
 
 
-def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport):
-    """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator."""
-    cache = make_feature_cache(model, cfg)
+def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport,
+                     args: TrainingArguments | None = None):  # fmt: skip
+    """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator.
+    `args`: the run's TrainingArguments, whose device and processes the feature cache fills with."""
+    cache = make_feature_cache(model, cfg, args.device if args is not None else None)
     if cfg.streaming:
         from ..data.formats import load_many
 
@@ -274,7 +288,8 @@ def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eva
     if cfg.eval_data:
         eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
     if cache is not None:
-        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []))
+        state = args.distributed_state if args is not None else None
+        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []), state)
     collator = Collator(processor.tokenizer.pad_token_id)
     n_conversations = None if cfg.streaming else len(train_set)
     if cfg.pack:
@@ -299,7 +314,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     check_writable(out / "final", need_bytes=n_bytes)
 
     report, eval_report = SkipReport(), SkipReport()
-    train_set, eval_set, collator, n_conversations = prepare_datasets(cfg, processor, model, report, eval_report)
+    args = training_arguments(cfg, has_eval=bool(cfg.eval_data))  # first: it sets up the processes and the device
+    train_set, eval_set, collator, n_conversations = prepare_datasets(cfg, processor, model, report, eval_report, args)
 
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
     model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
@@ -316,7 +332,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         metrics_path.unlink()
     trainer = N2EyeTrainer(
         model=model,
-        args=training_arguments(cfg, eval_set is not None),
+        args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=collator,
