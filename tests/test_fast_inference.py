@@ -166,7 +166,8 @@ def test_bench_on_cuda_measures_against_the_gpu(tmp_path):
     from n2eye.bench import BenchConfig, run_bench
 
     out = tmp_path / "bench.json"
-    records = {r["name"]: r for r in run_bench(BenchConfig(preset="tiny", device="cuda", out=str(out), decode_rounds=2))}
+    records = run_bench(BenchConfig(preset="tiny", device="cuda", out=str(out), decode_rounds=2))
+    records = {r["name"]: r for r in records}
     assert not {"decode_int8", "decode_int4", "decode_bf16_kernel"} & set(records)
     assert records["decode_bf16"]["ratio"] > 0 and records["decode_bf16"]["bound"] > 0
     assert records["decode_bf16"]["logit_max_abs_diff"] == 0
@@ -348,7 +349,8 @@ def test_fetch_wheels_downloads_one_python_312_wheel_per_pinned_package(tmp_path
     """`bash benchmarks/gpu/fetch_wheels.sh` (benchmarks/README): everything it lists, small enough to travel."""
     root = Path(__file__).resolve().parents[1]
     assert "bash benchmarks/gpu/fetch_wheels.sh" in (root / "benchmarks" / "README.md").read_text()
-    env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    python_first = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the `python` of this venv
+    env = {**os.environ, "WHEELS_DIR": str(tmp_path / "whl"), "PATH": python_first}
     done = subprocess.run(["bash", str(root / "benchmarks" / "gpu" / "fetch_wheels.sh")], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     if done.returncode != 0 and re.search(r"(?i)connection|resolve|network|No matching distribution", done.stderr):

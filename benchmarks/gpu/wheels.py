@@ -5,8 +5,8 @@ versions installed here, so they can travel as wheels to a machine that reaches 
 
 Walks the installed distributions' requirements from n2eye[train] down (markers evaluated for this
 interpreter), leaving out torch and its CUDA libraries (the GPU image's own build is the point) and the large
-compiled packages such images hold (numpy, pyarrow, pandas, pillow, matplotlib), with what only they need. benchmarks/gpu/fetch_wheels.sh downloads
-the list for the GPU image's Python.
+compiled packages such images hold (numpy, pyarrow, pandas, pillow, matplotlib), with what only they need.
+benchmarks/gpu/fetch_wheels.sh downloads the list for the GPU image's Python.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""`n2eye bench`: inference figures side by side with plain transformers, in one run, on one machine.
+"""`n2eye bench`: inference and training figures side by side with their references, in one run, on one machine.
 
 Every record is `{"name", "unit", "ours", "reference", "ratio", "bound"}` (ratio = ours / reference, higher is
 better for rates, `ratio` < 1 is better for times, see `unit`). `bound` is the share of its own limit a figure
 reaches, named by `bound_kind`: for decode, of the machine's measured memory read bandwidth (weights read per
 token x tokens/s); for the feature cache, of the most any cache can give (Amdahl: the frozen vision tower's share
-of a step). Decode records also give `logit_max_abs_diff` against bf16 for the quantized paths. The models are random-init at the preset's exact
-shapes (no download): `tiny` in seconds, `n2eye-1.3b` (LFM2-1.2B + so400m shapes) in minutes.
+of a step); for training, of the measured bf16 matmul rate. Decode records also give `logit_max_abs_diff` against
+bf16 for the quantized paths. The models are random-init at the preset's exact shapes (no download): `tiny` in
+seconds, `n2eye-1.3b` (LFM2-1.2B + so400m shapes) in minutes.
 """
 
 from __future__ import annotations
@@ -347,8 +348,8 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
         flags = {"--model": checkpoint, "--data": spec, "--out": work / name, "--train": settings["train"],
                  "--max-steps": steps, "--batch-size": batch, "--grad-accum": 1, "--logging-steps": steps,
                  "--feature-cache-dir": work / "features"}  # fmt: skip
-        checkpointing = "--gradient-checkpointing" if settings.get("gradient_checkpointing") else "--no-gradient-checkpointing"
-        switches = ["--bf16" if settings["bf16"] else "--no-bf16", checkpointing,
+        switches = ["--bf16" if settings["bf16"] else "--no-bf16",
+                    "--" + ("" if settings.get("gradient_checkpointing") else "no-") + "gradient-checkpointing",
                     "--feature-cache" if cache else "--no-feature-cache"]  # fmt: skip
         command = [sys.executable, "-m", "n2eye.cli", "train", *switches]
         command += [str(part) for pair in flags.items() for part in pair]
@@ -423,7 +424,8 @@ def markdown_table(records: list[dict[str, Any]], machine: str, preset: str) -> 
         return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = [f"`n2eye bench --preset {preset}` on {machine}", "",
-             "| record | unit | ours | plain transformers | ratio | share of its bound |",
+             "| record | unit | ours | reference (plain transformers; for the cache, the run without it) | ratio "
+             "| share of its bound |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
         bound = "" if r.get("bound") is None else f"{100 * r['bound']:.0f}% ({r.get('bound_kind', 'bound')})"
@@ -444,7 +446,7 @@ def plot_ratios(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
     ax.barh([r["name"] for r in shown], speedups, color=["#2a7" if s >= 1 else "#c44" for s in speedups])
     ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("speed-up over the reference (x): plain transformers; for the feature cache, the run without it")
+    ax.set_xlabel("speed-up over the reference (x; the feature cache: over the run without it)")
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     for y, s in enumerate(speedups):
