@@ -6,7 +6,7 @@ and reused across epochs and runs. Writes are atomic; a changed encoder gets a f
 
 The grids are computed the way the run's training forward would compute them: on the run's device and, for a
 bf16 run, under bf16 autocast (its own namespace, so a float32 run never reuses bf16 grids). Filling the cache
-therefore costs what one epoch's vision forwards cost without it, not more (on a CPU, float32 took 2.2x as long
+therefore costs what one epoch's vision forwards cost without it, not more (on a CPU, float32 took 2.5x as long
 as bf16 autocast at the so400m shapes), and on a GPU host it runs on the GPU, not on the CPU the model was
 loaded on.
 """
