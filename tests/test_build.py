@@ -42,6 +42,38 @@ def test_build_from_local_backbones_adds_tokens_and_keeps_weights(tmp_path, n2ey
     assert summary["parameters"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+def test_naflex_checkpoint_generates_through_transformers_and_says_what_our_engine_lacks(tmp_path, n2eye_cache):
+    """A SigLIP2 NaFlex encoder builds and runs through plain transformers (the processor's whole output); our
+    engine and trainer don't pass its spatial_shapes yet, and say so instead of failing inside SigLIP2."""
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, Siglip2ImageProcessor, Siglip2VisionConfig,
+                              Siglip2VisionModel)  # fmt: skip
+
+    import n2eye
+    from n2eye.build import BuildConfig, build
+    from n2eye.fixtures import make_tiny_backbones
+
+    paths = make_tiny_backbones(n2eye_cache / "tiny-backbones")
+    vision = tmp_path / "naflex"
+    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 patch_size=16, num_patches=64)  # fmt: skip
+    Siglip2VisionModel(config).save_pretrained(vision)
+    Siglip2ImageProcessor(patch_size=16, max_num_patches=64).save_pretrained(vision)
+    out = build(BuildConfig(out=str(tmp_path / "m"), lm=str(paths["lm"]), vision=str(vision),
+                            projector="pixel_unshuffle_mlp"))  # fmt: skip
+    messages = [{"role": "user", "content": [{"type": "image", "image": draw_shapes(size=(200, 120))},
+                                             {"type": "text", "text": "Colour?"}]}]  # fmt: skip
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")  # fmt: skip
+    inputs.pop("assistant_masks", None)
+    assert "spatial_shapes" in inputs
+    generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
+    with pytest.raises(ValueError, match="SigLIP2 NaFlex.*spatial_shapes.*fixed-resolution encoder"):
+        n2eye.load(out).chat(messages, max_new_tokens=2, temperature=0)
+
+
 def test_cli_build_and_generate_tiny(tmp_path):
     out = tmp_path / "tiny-n2eye"
     result = run_cli("build", "--preset", "tiny", "--out", str(out))

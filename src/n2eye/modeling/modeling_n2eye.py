@@ -123,6 +123,13 @@ class N2EyeModel(N2EyePreTrainedModel):
         Fixed resolution: pixel_values (n_images, 3, H, W). SigLIP2 NaFlex: pixel_values
         (n_images, max_patches, 3*p*p) with `spatial_shapes` (n_images, 2) and `pixel_attention_mask`.
         """
+        if spatial_shapes is None and self.config.vision_config.model_type == "siglip2_vision_model":
+            raise ValueError(
+                "This checkpoint's vision encoder is SigLIP2 NaFlex: its images need the processor's `spatial_shapes` "
+                "and `pixel_attention_mask` too (pass the processor's whole output, as the model's forward and "
+                "generate take it). N2-Eye's chat engine, server and `n2eye train` don't pass them yet; for those, "
+                "build with a fixed-resolution encoder such as google/siglip2-so400m-patch14-384."
+            )
         tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         layer = self.config.vision_feature_layer
         with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
