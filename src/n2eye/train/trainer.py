@@ -93,28 +93,26 @@ class StreamingExamples(torch.utils.data.IterableDataset):
             yield example
 
 
-def attach_cached_features(cache, examples: list[dict], state=None) -> None:
-    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new). With several
-    processes (data parallel, `state`: the run's accelerate PartialState) each one computes its share of the new
-    images, then all read the whole set."""
+def attach_cached_features(cache, examples: list[dict], state) -> None:
+    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new). `state`: the
+    run's accelerate PartialState; under data parallel each process computes its share of the new images, then
+    all read the whole set."""
     from tqdm.auto import tqdm
 
     from .feature_cache import pixel_key
 
-    sharded = state is not None and state.num_processes > 1
-    if sharded:
-        share = examples[state.process_index :: state.num_processes]
-        for example in tqdm(share, desc=f"vision feature cache, process {state.process_index}", unit="conv"):
+    keys: dict[int, list[str]] = {}  # id(example) -> its images' keys, for the examples this process filled
+    with state.split_between_processes(examples) as share:
+        for example in tqdm(share, desc="vision feature cache", unit="conv"):
             pixels = example.get("pixel_values")
             if pixels is not None and len(pixels):
-                cache.fill(pixels)
-        state.wait_for_everyone()
-    for example in tqdm(examples, desc="vision feature cache", unit="conv", disable=sharded):
+                keys[id(example)] = cache.fill(pixels)
+    state.wait_for_everyone()  # every process's share is on disk now
+    for example in examples:
         pixels = example.pop("pixel_values", None)
         if pixels is not None and len(pixels):
-            keys = [pixel_key(p) for p in pixels] if sharded else cache.fill(pixels)  # sharded: all on disk now
-            example["vision_features"] = cache.load(keys)
-    where = f" (process {state.process_index} of {state.num_processes}, its share)" if sharded else ""
+            example["vision_features"] = cache.load(keys.get(id(example)) or [pixel_key(p) for p in pixels])
+    where = f" (process {state.process_index} of {state.num_processes}, its share)" if state.num_processes > 1 else ""
     print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed{where}")
 
 
@@ -270,10 +268,10 @@ def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = No
 
 
 def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport,
-                     args: TrainingArguments | None = None):  # fmt: skip
+                     args: TrainingArguments):  # fmt: skip
     """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator.
     `args`: the run's TrainingArguments, whose device and processes the feature cache fills with."""
-    cache = make_feature_cache(model, cfg, args.device if args is not None else None)
+    cache = make_feature_cache(model, cfg, args.device)
     if cfg.streaming:
         from ..data.formats import load_many
 
@@ -288,8 +286,7 @@ def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eva
     if cfg.eval_data:
         eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
     if cache is not None:
-        state = args.distributed_state if args is not None else None
-        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []), state)
+        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []), args.distributed_state)
     collator = Collator(processor.tokenizer.pad_token_id)
     n_conversations = None if cfg.streaming else len(train_set)
     if cfg.pack:
