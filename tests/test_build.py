@@ -158,3 +158,18 @@ def test_every_command_help_prints(capsys):
             make_parser([name, "--help"]).parse_args([name, "--help"])
         assert done.value.code == 0, name
         assert "--" in capsys.readouterr().out, name
+
+
+@pytest.mark.parametrize("blocked", ["fastapi", "uvicorn"])
+def test_a_missing_extra_names_the_install_that_fixes_it(tmp_path, blocked):
+    """`n2eye serve` without the [serve] extra says which `pip install` fixes it instead of a traceback, whether
+    the package is imported with the command's module (fastapi) or inside its run (uvicorn)."""
+    import subprocess
+    import sys
+
+    argv, fix = ["serve", "--model", str(tmp_path / "none")], 'pip install "n2eye[serve]"'
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from n2eye.cli import main\nsys.exit(main({argv!r}))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and f"'{blocked}'" in done.stderr and fix in done.stderr, done.stderr

@@ -11,8 +11,9 @@ import sys
 
 
 def test_readme_quick_demo_learns_colour_and_count_from_the_images(tmp_path):
-    """The README's `n2eye demo --quick` command as written: colour and counting far above chance, and back near
-    chance when the same model gets grey images (so the answers come from the pixels, not from text priors)."""
+    """The README's `n2eye demo --quick` command as written: colour right most of the time (98% measured) and
+    counting far above chance (71%, chance 22%), and both back near chance when the same model gets grey images
+    (so the answers come from the pixels, not from text priors)."""
     import shlex
 
     from test_readme import block_after
@@ -28,7 +29,7 @@ def test_readme_quick_demo_learns_colour_and_count_from_the_images(tmp_path):
     for qtype in ("colour", "count"):
         chance, real, blank = result["chance"][qtype], result["per_type"][qtype], result["blanked_per_type"][qtype]
         assert real["n"] >= 30
-        assert real["mean_score"] >= chance + 0.2, (qtype, real, chance)
+        assert real["mean_score"] >= {"colour": 0.7, "count": chance + 0.25}[qtype], (qtype, real, chance)
         assert blank["mean_score"] <= chance + 0.1, (qtype, blank, chance)
     assert json.loads((out / "data" / "manifest.json").read_text())["world"]["colour_answers"] == "sentences"
     real = result["per_type"]["count"]

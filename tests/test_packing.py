@@ -107,3 +107,34 @@ def test_train_with_packing_runs_and_learns(tiny_checkpoint, tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]  # fmt: skip
     assert losses[-1] < losses[0]
+
+
+def test_the_gap_follows_the_conv_kernel(tiny_model):
+    """An LFM2 with a longer short convolution (conv_L_cache 6) needs 5 masked positions between packed samples:
+    with LFM2's usual 2, the first tokens of a sample saw the end of the one before it."""
+    import copy
+
+    from n2eye.data.packing import GAP, PackedCollator, conv_gap, pack_examples
+    from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
+
+    model, processor = tiny_model
+    assert conv_gap(model.config.text_config) == GAP
+    config = copy.deepcopy(model.config)
+    config.text_config.conv_L_cache = 6
+    torch.manual_seed(0)
+    wide = N2EyeForConditionalGeneration(config).eval()
+    gap = conv_gap(config.text_config)
+    assert gap == 5
+    examples = _examples(processor)
+    changed = [dict(e) for e in examples]
+    changed[0] = {**changed[0], "input_ids": [7 if t != processor.image_token_id else t for t in changed[0]["input_ids"]]}
+    first = len(examples[0]["input_ids"])
+    pad = processor.tokenizer.pad_token_id
+
+    def logits(rows, gap):
+        batch = PackedCollator(pad)(pack_examples(rows, 4096, gap))
+        with torch.no_grad():
+            return wide(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, first:]
+
+    torch.testing.assert_close(logits(examples, gap), logits(changed, gap), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits(examples, GAP), logits(changed, GAP), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Every command in the README runs: the main command's n2eye steps and the Python example."""
+"""Every command in the README runs: the first command (in CI), the build, train, eval, serve, generate and
+scale-out commands and the Python examples (here)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,31 @@ def block_after(marker: str) -> str:
     return match.group(1).strip()
 
 
-def test_ci_runs_the_readme_test_command():
-    command = block_after("test-command")
-    assert "pytest" in command and "torch==2.13.0" in command
+def test_ci_runs_the_readme_first_command_then_the_test_command():
+    """CI (.ci/run) runs the README's first command as written (a fresh venv, the core install, the demo), then the
+    test command (the [dev] extra, pytest)."""
+    main, tests = block_after("main-command"), block_after("test-command")
+    assert main.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
+    assert "pip install torch==2.13.0 -e . &&" in main and main.endswith("n2eye demo --out n2eye-demo")
+    assert "pytest" in tests and "torch==2.13.0" in tests and '".[dev]"' in tests
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "test-command" in ci
+    assert "main-command" in ci and "test-command" in ci and "n2eye-demo/result.json" in ci
+    assert ci.index('bash -c "$main"') < ci.index('bash -c "$tests"')
+
+
+def test_the_demo_names_the_readme_serve_command_as_its_next_step(monkeypatch, tmp_path):
+    """The demo's last lines are the README's serve command, with the install it needs when [serve] is missing."""
+    import importlib.util
+
+    from n2eye.demo import next_step
+
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert block_after("serve-demo-command") in next_step(tmp_path / "n2eye-demo" / "run" / "final")
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    hint = next_step(tmp_path / "n2eye-demo" / "run" / "final")
+    assert "n2eye serve --model n2eye-demo/run/final" in hint and "pip install" not in hint
 
 
 def test_accelerate_configs_parse():
@@ -35,11 +56,8 @@ def test_accelerate_configs_parse():
         assert config["distributed_type"] in ("FSDP", "DEEPSPEED") and config["num_machines"] == 1
 
 
-def test_main_command_and_python_example(tmp_path):
-    command = block_after("main-command")
-    assert "torch==2.13.0" in command
-    steps = [s.strip() for s in command.split("&&") if s.strip().startswith("n2eye ")]
-    assert [s.split()[1] for s in steps] == ["build", "generate"]
+def test_every_readme_command_and_python_example(tmp_path):
+    steps = [block_after("build-command"), block_after("generate-image-command")]
     (tmp_path / "docs").mkdir()
     shutil.copy(ROOT / "docs" / "example.png", tmp_path / "docs" / "example.png")
     n2eye = [sys.executable, "-m", "n2eye.cli"]

@@ -1,14 +1,18 @@
-"""The web chat page in headless Chromium: upload an image, chat with streaming, see a tool call and grounding
-boxes drawn over the image. Keeps a screenshot (path printed; set N2EYE_SCREENSHOT to choose it)."""
+"""The web chat page in headless Chromium, in every state a user meets: empty, image loaded, streaming, an answer
+with grounding boxes drawn, a tool call, an error, and a narrow window. Each state is checked for what a user
+would see wrong (text outside its box, a control off screen) and kept as a screenshot (folder printed; set
+N2EYE_SCREENSHOTS to choose it)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from test_server import EXAMPLES, Server
 
@@ -24,12 +28,19 @@ BOXES = '[{"label": "circle", "bbox": [0.2, 0.2, 0.8, 0.8]}]'
 
 @pytest.fixture
 def scripted_engine(trained_tiny, monkeypatch):
-    """The tiny model answers; for a 'Detect' question it is scripted to answer with boxes, and with a tool call
-    when tools are offered (the tiny model can do neither); the page and the server are what is tested."""
+    """The tiny model answers; for a 'Detect' question it is scripted to answer with boxes, with a tool call when
+    tools are offered, and 'slowly' holds its answer half-way until `engine.release` is set (the tiny model can
+    do none of these on cue); the page and the server are what is tested."""
     import n2eye
 
     engine = n2eye.load(trained_tiny)
     original = engine.chat
+    engine.release = threading.Event()
+
+    def slow():
+        yield "The circle "
+        engine.release.wait(60)
+        yield "is red."
 
     def chat(messages, tools=None, stream=False, **options):
         last = messages[-1]["content"]
@@ -38,40 +49,91 @@ def scripted_engine(trained_tiny, monkeypatch):
             return iter(['<|tool_call_start|>[lookup_price(item="red circle")]<|tool_call_end|>'])
         if "Detect" in text:
             return iter([BOXES[:20], BOXES[20:]])
+        if "slowly" in text:
+            return slow()
         return original(messages, tools=tools, stream=stream, **options)
 
     monkeypatch.setattr(engine, "chat", chat)
     return engine
 
 
-def test_web_chat_in_headless_chromium(scripted_engine, tmp_path):
+def _rect(driver, selector: str) -> dict:
+    return driver.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+        "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, width: r.width, height: r.height};",
+        selector,
+    )
+
+
+def _inside(inner: dict, outer: dict) -> bool:
+    return (inner["left"] >= outer["left"] - 0.5 and inner["right"] <= outer["right"] + 0.5
+            and inner["top"] >= outer["top"] - 0.5 and inner["bottom"] <= outer["bottom"] + 0.5)  # fmt: skip
+
+
+def _fits_the_window(driver) -> bool:
+    """No horizontal scrolling, and the prompt box and Send button in view."""
+    width = driver.execute_script("return window.innerWidth")
+    scroll = driver.execute_script("return document.documentElement.scrollWidth")
+    return scroll <= width and all(_rect(driver, s)["right"] <= width for s in ("#prompt", "#form button"))
+
+
+def test_web_chat_in_every_state(scripted_engine, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    server = Server(scripted_engine)
+    server = Server(scripted_engine, max_image_pixels=200 * 200)
+    shots = Path(os.environ.get("N2EYE_SCREENSHOTS", tmp_path / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,800"):  # fmt: skip
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,700"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+    def shot(name: str) -> None:
+        driver.save_screenshot(str(shots / f"{name}.png"))
+        assert (shots / f"{name}.png").stat().st_size > 5_000, name
+
+    def ask(text: str) -> None:
+        wait_for(lambda: driver.find_element(By.CSS_SELECTOR, "#form button").is_enabled())
+        driver.find_element(By.ID, "prompt").send_keys(text)
+        driver.find_element(By.CSS_SELECTOR, "#form button").click()
+
+    def assistant_texts() -> list[str]:
+        return [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")]
+
     try:
         driver.get(server.url + "/")
+        # Empty: the hint sits inside the drop zone on at most two lines (it once rendered outside the box, one
+        # word per line, clipped at the page's edge: the hidden canvas was shown beside it).
+        hint, stage = _rect(driver, "#hint"), _rect(driver, "#stage")
+        line = driver.execute_script("return parseFloat(getComputedStyle(document.getElementById('hint')).fontSize)")
+        assert _inside(hint, stage) and hint["left"] >= 0, (hint, stage)
+        assert hint["height"] <= 3 * line, f"the hint wraps to {hint['height'] / line:.1f} lines"
+        assert not driver.find_element(By.ID, "canvas").is_displayed()
+        assert driver.find_element(By.ID, "empty").is_displayed() and _fits_the_window(driver)
+        shot("1-empty")
+
         driver.find_element(By.ID, "file").send_keys(str(EXAMPLES / "red_circle.png"))
-        wait_for(lambda: driver.execute_script("return document.getElementById('canvas').width") > 0)
+        wait_for(lambda: driver.find_element(By.ID, "canvas").is_displayed())
+        assert not driver.find_element(By.ID, "hint").is_displayed()
+        assert _inside(_rect(driver, "#canvas"), _rect(driver, "#side"))
+        shot("2-image-loaded")
 
-        def ask(text: str) -> None:
-            box = driver.find_element(By.ID, "prompt")
-            box.send_keys(text)
-            driver.find_element(By.CSS_SELECTOR, "#form button").click()
+        ask("Tell me slowly: what colour is the circle?")  # streaming: half an answer shown, Send held
+        wait_for(lambda: assistant_texts() and assistant_texts()[-1].startswith("The circle"))
+        assert not driver.find_element(By.CSS_SELECTOR, "#form button").is_enabled()
+        assert driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.pending")
+        shot("3-streaming")
+        scripted_engine.release.set()
+        wait_for(lambda: assistant_texts()[-1] == "The circle is red.")
+        wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, ".msg.assistant.pending"))
 
-        ask("What colour is the shape?")
-        wait_for(lambda: len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 1
-                 and driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[0].text.strip() != "")  # fmt: skip
         ask("Detect all instances of: circle.")
-        wait_for(lambda: BOXES in driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text)
+        wait_for(lambda: BOXES in assistant_texts()[-1])
         orange = driver.execute_script(
             "const c = document.getElementById('canvas'); const d = c.getContext('2d')"
             ".getImageData(0, 0, c.width, c.height).data; let n = 0;"
@@ -79,13 +141,37 @@ def test_web_chat_in_headless_chromium(scripted_engine, tmp_path):
             "return n;"
         )
         assert orange > 100, "the grounding box was not drawn over the image"
+        shot("4-grounding")
+
         driver.find_element(By.ID, "tools").click()
         ask("How much is it?")
         wait_for(lambda: any("lookup_price" in e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.tool")))
-        shot = Path(os.environ.get("N2EYE_SCREENSHOT", tmp_path / "web-chat.png"))
-        driver.save_screenshot(str(shot))
-        print(f"screenshot: {shot}")
-        assert shot.stat().st_size > 10_000
+        shot("5-tool-call")
+        driver.find_element(By.ID, "tools").click()
+
+        # Error: the server refuses an image over its --max-image-pixels; the page says why, in red, and goes on.
+        big = tmp_path / "big.png"
+        Image.new("RGB", (400, 400), (200, 40, 40)).save(big)
+        driver.find_element(By.ID, "reset").click()
+        driver.find_element(By.ID, "file").send_keys(str(big))
+        time.sleep(0.5)
+        ask("What colour is it?")
+        wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".msg.error"))
+        error = driver.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+        assert error.startswith("Error: ") and "pixels" in error, error
+        assert _inside(_rect(driver, ".msg.error"), _rect(driver, "#log"))
+        shot("6-error")
+
+        # Narrow window (a phone): the image above the chat, nothing off screen, and the chat still works.
+        driver.set_window_size(420, 800)
+        driver.find_element(By.ID, "reset").click()
+        driver.find_element(By.ID, "file").send_keys(str(EXAMPLES / "red_circle.png"))
+        ask("Detect all instances of: circle.")
+        wait_for(lambda: BOXES in assistant_texts()[-1])
+        assert _fits_the_window(driver), "the page scrolls sideways or hides its controls in a narrow window"
+        assert _rect(driver, "#canvas")["bottom"] <= _rect(driver, "#log")["top"] + 1
+        shot("7-narrow")
+        print(f"screenshots: {shots}")
     finally:
         driver.quit()
         server.stop()

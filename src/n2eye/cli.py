@@ -34,8 +34,29 @@ COMMANDS: dict[str, Command] = {
 }  # fmt: skip
 
 
-def _module(command: Command):
-    return importlib.import_module(f"n2eye.{command.module}")
+# Packages that come with an extra rather than the core install: a command that needs one says how to get it.
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "pydantic": "serve", "openai": "dev",
+          "selenium": "dev", "psutil": "dev", "pytest": "dev"}  # fmt: skip
+
+
+def missing_package(command: str, err: ModuleNotFoundError) -> SystemExit:
+    """What a command says, instead of a traceback, when a package it needs is not installed: which package, and
+    the `pip install` that brings it. A missing module of n2eye itself is a broken install: re-raised as is."""
+    package = (err.name or "").split(".")[0]
+    if package in ("", "n2eye"):
+        raise err
+    extra = EXTRAS.get(package)
+    fix = f'pip install "n2eye[{extra}]"' if extra else f"pip install {package}"
+    print(f"n2eye {command}: error: this command needs the Python package '{package}', which is not installed. "
+          f"Fix: {fix}", file=sys.stderr)  # fmt: skip
+    return SystemExit(2)
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(f"n2eye.{COMMANDS[name].module}")
+    except ModuleNotFoundError as err:
+        raise missing_package(name, err) from None
 
 
 def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -47,7 +68,7 @@ def make_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.help, description=command.help)
         if name == selected:
-            add_dataclass_arguments(p, getattr(_module(command), command.config))
+            add_dataclass_arguments(p, getattr(_module(name), command.config))
     return parser
 
 
@@ -55,9 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = make_parser(argv).parse_args(argv)
     command = COMMANDS[args.command]
-    module = _module(command)
+    module = _module(args.command)
     try:
         getattr(module, command.run)(config_from_args(getattr(module, command.config), args))
+    except ModuleNotFoundError as err:  # a lazily imported optional package (uvicorn in `serve`, say)
+        raise missing_package(args.command, err) from None
     except (ValueError, OSError) as err:
         print(f"n2eye {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -6,9 +6,12 @@ from pathlib import Path
 from typing import Any
 
 
-def draw_heldout_examples(engine, heldout_spec: str, out_png: Path, n: int = 8) -> dict[str, Any]:
+def draw_heldout_examples(
+    engine, heldout_spec: str, out_png: Path, n: int = 8, images_dir: Path | None = None
+) -> dict[str, Any]:
     """Asks one question per held-out session (grounding ones included) through `engine.chat`, draws the image
-    with question / answer / truth, predicted boxes in orange and true boxes in green; returns one example."""
+    with question / answer / truth, predicted boxes in orange and true boxes in green; returns one example.
+    `images_dir`: also saves each drawn image there as a PNG (to drop into `n2eye serve`'s page)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +44,9 @@ def draw_heldout_examples(engine, heldout_spec: str, out_png: Path, n: int = 8) 
         answer = engine.chat(item["history"], do_sample=False, max_new_tokens=EvalConfig.max_new_tokens,
                              repetition_penalty=1.0)  # as `n2eye eval` answers (96 tokens cut 4-box answers)
         image = item["image"]
+        if images_dir is not None:
+            images_dir.mkdir(parents=True, exist_ok=True)
+            image.save(images_dir / f"heldout-{len(list(images_dir.glob('heldout-*.png'))) + 1}.png")
         ax.imshow(image)
         width, height = image.size
         for boxes, colour in ((parse_boxes(item["reference"]) if item["qtype"] == "grounding" else None, "limegreen"),

@@ -20,6 +20,7 @@ from torch import nn
 from .data import synthetic
 
 BOX_EDGES = ("x1", "y1", "x2", "y2")
+SIDES = {"x": ("left", "right"), "y": ("top", "bottom")}  # the words a position answer gives (`synthetic.side_of`)
 
 
 def edge_classes(image_size: int) -> int:
@@ -29,8 +30,9 @@ def edge_classes(image_size: int) -> int:
 
 def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
     """Per cell (row-major), the class index of its colour, shape and size and of each edge of its object's box
-    (`BOX_EDGES`, in SNAP-pixel steps; the last class of each: empty), and the cell's row and column: where each
-    token sits, which position and grounding answers need. The box edges are what a grounding answer prints;
+    (`BOX_EDGES`, in SNAP-pixel steps; the last class of each: empty), the cell's row and column: where each
+    token sits, which position and grounding answers need, and the side its object is clearly on (`SIDES`; the
+    last class: near the middle, or empty). The box edges are what a grounding answer prints;
     with only the size and the cell to go on, the language model printed boxes of a middling size (IoU ~0.7
     on the right object)."""
     cells = synthetic.GRID * synthetic.GRID
@@ -43,6 +45,7 @@ def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
         "row": [cell // synthetic.GRID for cell in range(cells)],
         "column": [cell % synthetic.GRID for cell in range(cells)],
         **{edge: [empty_edge] * cells for edge in BOX_EDGES},
+        **{f"side_{axis}": [len(SIDES[axis])] * cells for axis in SIDES},
     }
     for obj in scene.objects:
         cell = obj.cell(scene.size)
@@ -51,14 +54,15 @@ def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
         labels["size"][cell] = sizes.index(obj.size)
         for edge, pixel in zip(BOX_EDGES, obj.bbox):
             labels[edge][cell] = pixel // synthetic.SNAP
+        for axis, words in SIDES.items():
+            side = synthetic.side_of(obj, axis, scene.size)
+            labels[f"side_{axis}"][cell] = words.index(side) if side else len(words)
     return labels
 
 
-def _cell_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def _cell_features(model, grids: torch.Tensor) -> torch.Tensor:
     """(images, cells, channels): the vision grids pixel-unshuffled as the projector sees them."""
-    base = model.model
-    grids = torch.stack(base.encode_images(pixel_values))
-    merged = base.multi_modal_projector.pixel_unshuffle(grids)
+    merged = model.model.multi_modal_projector.pixel_unshuffle(grids)
     n, h, w, c = merged.shape
     if h * w != synthetic.GRID * synthetic.GRID:
         raise ValueError(
@@ -78,10 +82,16 @@ def pretrain_vision_tower(
     seed: int = 0,
     image_size: int = 96,
     box_edges: bool = True,
+    word_ids: dict[str, list[list[int]]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Trains `model`'s vision tower in place on fresh random scenes, then freezes it. Returns the probes'
-    per-cell accuracy on held-out scenes, per attribute. `box_edges`: also probe each box's edges (`BOX_EDGES`)."""
+    per-cell accuracy on held-out scenes, per attribute. `box_edges`: also probe each box's edges (`BOX_EDGES`).
+    `word_ids` (attribute -> per class, the token ids that name it): also align the projector, so that each image
+    token, read through the language model's (frozen, tied) word embeddings, names what is in its cell (its
+    colour, shape and side; with box edges, the numbers of its box ranked high: `{edge}_word` counts them in the
+    top four), as an LLaVA-style alignment stage makes image tokens read as words; the language model then starts
+    from features it can copy."""
     from tqdm.auto import tqdm
 
     tower = model.model.vision_tower
@@ -96,12 +106,16 @@ def pretrain_vision_tower(
     for head in heads.values():
         nn.init.normal_(head.weight, std=channels**-0.5, generator=generator)
         nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.0)
+    params = list(tower.parameters()) + list(heads.parameters())
+    if word_ids:
+        params += list(model.model.multi_modal_projector.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed + 7919)  # not the world's training or held-out seed
     tower.train()
     bar = tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress)
     for _ in bar:
-        loss, _ = _probe_loss(model, processor, heads, [synthetic.make_scene(rng, image_size) for _ in range(batch_size)])
+        loss, _ = _probe_loss(model, processor, heads, [synthetic.make_scene(rng, image_size) for _ in range(batch_size)],
+                              word_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,15 +123,17 @@ def pretrain_vision_tower(
     tower.eval()
     with torch.no_grad():
         held = random.Random(seed + 104729)
-        _, accuracy = _probe_loss(model, processor, heads, [synthetic.make_scene(held, image_size) for _ in range(256)])
+        _, accuracy = _probe_loss(model, processor, heads, [synthetic.make_scene(held, image_size) for _ in range(256)],
+                                  word_ids)
     tower.requires_grad_(False)
     model.config.freeze_vision = True
     return {"steps": steps, "batch_size": batch_size, "cell_accuracy": accuracy}
 
 
-def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[synthetic.Scene]):
+def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[synthetic.Scene], word_ids=None):
     pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-    features = _cell_features(model, pixels)
+    grids = torch.stack(model.model.encode_images(pixels))
+    features = _cell_features(model, grids)
     labels = [cell_labels(s) for s in scenes]
     loss = features.new_zeros(())
     accuracy = {}
@@ -126,4 +142,18 @@ def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[synthetic.S
         logits = head(features)
         loss = loss + nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         accuracy[name] = round(float((logits.argmax(-1) == target).float().mean()), 4)
+    if word_ids:
+        tokens = model.model.multi_modal_projector(grids)  # (images, cells, lm hidden): what the LM reads
+        tokens = tokens * torch.rsqrt(tokens.pow(2).mean(-1, keepdim=True) + 1e-6)  # as the LM's final norm would
+        embeddings = model.get_input_embeddings().weight.detach()
+        for name, classes in word_ids.items():
+            target = torch.tensor([lab[name] for lab in labels]).reshape(-1)
+            target = target.masked_fill(target >= len(classes), -100)  # empty cells name nothing
+            for variant in range(len(classes[0])):
+                words = embeddings[[ids[variant] for ids in classes]]
+                logits = (tokens @ words.T).reshape(-1, len(classes))
+                loss = loss + nn.functional.cross_entropy(logits, target, ignore_index=-100)
+            top = len(BOX_EDGES) if name in BOX_EDGES else 1  # a cell's four edges share the numbers' tokens
+            right = (logits.topk(top, -1).indices == target[:, None]).any(-1)[target >= 0]
+            accuracy[f"{name}_word"] = round(float(right.float().mean()), 4)
     return loss, accuracy

@@ -2,8 +2,9 @@
 
 Isolation for LFM2's two kinds of layers:
 - attention: a block-diagonal causal mask (each sample attends only to itself) and positions restarting at 0;
-- short convolution (kernel 3): `GAP` masked positions between samples. LFM2 zeroes masked positions before
-  every conv, so a sample's first tokens see zeros, exactly like the zero padding at a sequence start.
+- short convolution (kernel `conv_L_cache`, 3 in LFM2): `gap` = kernel - 1 masked positions between samples. LFM2
+  zeroes masked positions before every conv, so a sample's first tokens see zeros, exactly like the zero padding
+  at a sequence start.
 Image features keep their order because samples keep theirs.
 """
 
@@ -15,24 +16,33 @@ import torch
 
 from .collate import IGNORE_INDEX
 
-GAP = 2  # >= conv kernel size - 1 (LFM2's conv_L_cache is 3)
+GAP = 2  # masked positions between samples for LFM2's kernel of 3 (`conv_L_cache`): kernel - 1
 
 
-def pack_examples(examples: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
-    """Greedy first-fit of examples (in order) into bins of at most `max_length` tokens, gaps included."""
+def conv_gap(text_config) -> int:
+    """The gap a model needs between packed samples: its short convolution's kernel - 1 (0 without conv layers)."""
+    layer_types = getattr(text_config, "layer_types", None) or []
+    if "conv" not in layer_types:
+        return 0
+    return int(getattr(text_config, "conv_L_cache", GAP + 1)) - 1
+
+
+def pack_examples(examples: list[dict[str, Any]], max_length: int, gap: int = GAP) -> list[dict[str, Any]]:
+    """Greedy first-fit of examples (in order) into bins of at most `max_length` tokens, `gap` positions between
+    samples (`conv_gap`)."""
     bins: list[list[dict[str, Any]]] = []
     sizes: list[int] = []
     for example in examples:
         need = len(example["input_ids"])
         for i, used in enumerate(sizes):
-            if used + GAP + need <= max_length:
+            if used + gap + need <= max_length:
                 bins[i].append(example)
-                sizes[i] = used + GAP + need
+                sizes[i] = used + gap + need
                 break
         else:
             bins.append([example])
             sizes.append(need)
-    return [{"segments": b} for b in bins]
+    return [{"segments": b, "gap": gap} for b in bins]
 
 
 class PackedCollator:
@@ -42,15 +52,15 @@ class PackedCollator:
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
-    def _row(self, segments: list[dict[str, Any]]):
+    def _row(self, segments: list[dict[str, Any]], gap: int):
         ids, labels, positions, mask, segment_of = [], [], [], [], []
         for index, example in enumerate(segments):
             if index:
-                ids += [self.pad_token_id] * GAP
-                labels += [IGNORE_INDEX] * GAP
-                positions += list(range(GAP))
-                mask += [0] * GAP
-                segment_of += [-1] * GAP
+                ids += [self.pad_token_id] * gap
+                labels += [IGNORE_INDEX] * gap
+                positions += list(range(gap))
+                mask += [0] * gap
+                segment_of += [-1] * gap
             n = len(example["input_ids"])
             ids += list(example["input_ids"])
             labels += list(example["labels"])
@@ -60,7 +70,7 @@ class PackedCollator:
         return ids, labels, positions, mask, segment_of
 
     def __call__(self, bins: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [self._row(b["segments"]) for b in bins]
+        rows = [self._row(b["segments"], b["gap"]) for b in bins]
         longest = max(len(r[0]) for r in rows)
         batch_size = len(rows)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)

@@ -19,7 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
 from ..data.collate import TRUNCATED_FROM, Collator, encode_conversation
-from ..data.packing import PackedCollator, pack_examples
+from ..data.packing import PackedCollator, conv_gap, pack_examples
 from ..data.report import SkipReport, SkipRow
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.processing_n2eye import N2EyeProcessor
@@ -290,8 +290,9 @@ def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eva
     collator = Collator(processor.tokenizer.pad_token_id)
     n_conversations = None if cfg.streaming else len(train_set)
     if cfg.pack:
-        train_set = pack_examples(train_set, cfg.max_length)
-        eval_set = pack_examples(eval_set, cfg.max_length) if eval_set else eval_set
+        gap = conv_gap(model.config.text_config)
+        train_set = pack_examples(train_set, cfg.max_length, gap)
+        eval_set = pack_examples(eval_set, cfg.max_length, gap) if eval_set else eval_set
         collator = PackedCollator(processor.tokenizer.pad_token_id)
         print(f"packing: {n_conversations} conversations in {len(train_set)} rows of <= {cfg.max_length} tokens")
     return train_set, eval_set, collator, n_conversations
