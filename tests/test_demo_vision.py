@@ -76,7 +76,8 @@ def test_pretraining_refuses_a_model_without_one_token_per_cell():
 def test_alignment_makes_every_image_token_read_as_its_cells_words(tmp_path):
     """With `word_ids`, the projector is aligned too: each object's image token, read through the language model's
     frozen word embeddings (as its output layer would), names the object's colour, shape and side, and ranks its
-    box's numbers high (in its top four, mostly); the language model itself is left as it was, and the projector stays trainable."""
+    box's numbers high (in its top four, mostly); the language model itself is left as it was, and the projector
+    stays trainable."""
     import torch
 
     from n2eye.data import synthetic as S
@@ -94,8 +95,8 @@ def test_alignment_makes_every_image_token_read_as_its_cells_words(tmp_path):
     untrained = pretrain_vision_tower(model, processor, steps=0, seed=1, word_ids=words, progress=False)
     assert untrained["cell_accuracy"]["colour_word"] < 0.5
     model, processor = demo_model(tokenizer, 0, image_mean=mean, image_std=std)
-    result = pretrain_vision_tower(model, processor, steps=VISION_PRETRAIN_STEPS, seed=1, word_ids=words, progress=False)
-    accuracy = result["cell_accuracy"]
+    steps = VISION_PRETRAIN_STEPS
+    accuracy = pretrain_vision_tower(model, processor, steps=steps, seed=1, word_ids=words, progress=False)["cell_accuracy"]
     assert accuracy["colour_word"] >= 0.95 and accuracy["shape_word"] >= 0.95, accuracy
     assert accuracy["side_x_word"] >= 0.95 and accuracy["side_y_word"] >= 0.95, accuracy
     assert min(accuracy[f"{edge}_word"] for edge in ("x1", "y1", "x2", "y2")) >= 0.5, accuracy  # of 49; chance 8%

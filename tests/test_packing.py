@@ -127,7 +127,8 @@ def test_the_gap_follows_the_conv_kernel(tiny_model):
     assert gap == 5
     examples = _examples(processor)
     changed = [dict(e) for e in examples]
-    changed[0] = {**changed[0], "input_ids": [7 if t != processor.image_token_id else t for t in changed[0]["input_ids"]]}
+    image = processor.image_token_id
+    changed[0] = {**changed[0], "input_ids": [7 if t != image else t for t in changed[0]["input_ids"]]}
     first = len(examples[0]["input_ids"])
     pad = processor.tokenizer.pad_token_id
 

@@ -114,8 +114,8 @@ def pretrain_vision_tower(
     tower.train()
     bar = tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress)
     for _ in bar:
-        loss, _ = _probe_loss(model, processor, heads, [synthetic.make_scene(rng, image_size) for _ in range(batch_size)],
-                              word_ids)
+        scenes = [synthetic.make_scene(rng, image_size) for _ in range(batch_size)]
+        loss, _ = _probe_loss(model, processor, heads, scenes, word_ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
