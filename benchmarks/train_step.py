@@ -77,7 +77,7 @@ def measure(args) -> dict:
 
     from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
-    from n2eye.data.packing import PackedCollator, pack_examples
+    from n2eye.data.packing import PackedCollator, conv_gap, pack_examples
     from n2eye.demo import FULL, IMAGE_SIZE, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
 
@@ -91,7 +91,7 @@ def measure(args) -> dict:
     model.model.vision_tower.requires_grad_(False)
     model.train()
     examples = [encode_conversation(processor, synthetic.to_conversation(s), pack_length) for s in sessions]
-    rows = pack_examples(examples, pack_length)
+    rows = pack_examples(examples, pack_length, conv_gap(model.config.text_config))
     collate = PackedCollator(tokenizer.pad_token_id)
     n = rows_per_step
     batches = [collate(rows[i : i + n]) for i in range(0, len(rows) - n + 1, n)] or [collate(rows)]

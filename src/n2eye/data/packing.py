@@ -21,8 +21,8 @@ GAP = 2  # masked positions between samples for LFM2's kernel of 3 (`conv_L_cach
 
 def conv_gap(text_config) -> int:
     """The gap a model needs between packed samples: its short convolution's kernel - 1 (0 without conv layers)."""
-    layer_types = getattr(text_config, "layer_types", None) or []
-    if "conv" not in layer_types:
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types and "conv" not in layer_types:
         return 0
     return int(getattr(text_config, "conv_L_cache", GAP + 1)) - 1
 
