@@ -40,13 +40,13 @@ def draw_heldout_examples(
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.9 * rows), dpi=100)
     axes = axes.flatten() if hasattr(axes, "flatten") else [axes]
     example = None
-    for ax, item in zip(axes, picked):
+    for index, (ax, item) in enumerate(zip(axes, picked), start=1):
         answer = engine.chat(item["history"], do_sample=False, max_new_tokens=EvalConfig.max_new_tokens,
                              repetition_penalty=1.0)  # as `n2eye eval` answers (96 tokens cut 4-box answers)
         image = item["image"]
         if images_dir is not None:
             images_dir.mkdir(parents=True, exist_ok=True)
-            image.save(images_dir / f"heldout-{len(list(images_dir.glob('heldout-*.png'))) + 1}.png")
+            image.save(images_dir / f"heldout-{index}.png")
         ax.imshow(image)
         width, height = image.size
         for boxes, colour in ((parse_boxes(item["reference"]) if item["qtype"] == "grounding" else None, "limegreen"),

@@ -129,7 +129,7 @@ GROUNDING_PROBABILITY = 0.4  # a session ends with one grounding request
 # questions in one session would make asking one depend on the answers of another (a colour question needs
 # a shape seen once, "bigger" depends on shapes), and the type asked would hint at the answers.
 # More shape than colour questions: with the aligned projector colour is learnt first and shape last (demo
-# 2026-12-05: colour 97-100%, shape 77-100% at 0.5/0.4); shape 0.3, comparison 0.2 gave demo shape 62% before.
+# 2026-12-05: colour 97-100%, shape 66-100% at 0.5/0.4); shape 0.3, comparison 0.2 gave demo shape 62% before.
 MIDDLE_MODES = {"colour": 0.4, "shape": 0.5, "comparison": 0.1}
 EARLIER_MIDDLE_MODES = {"colour": 0.5, "shape": 0.3, "comparison": 0.2}  # `n2eye demo --quick` learns more on it
 POSITION_WEIGHT = 0.8  # against 1.0 for the session's mode
