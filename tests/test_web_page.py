@@ -171,6 +171,22 @@ def test_web_chat_in_every_state(scripted_engine, tmp_path):
         assert _fits_the_window(driver), "the page scrolls sideways or hides its controls in a narrow window"
         assert _rect(driver, "#canvas")["bottom"] <= _rect(driver, "#log")["top"] + 1
         shot("7-narrow")
+
+        # A server started with --api-key: the page asks for the key, says so on a 401, and works once given.
+        keyed = Server(scripted_engine, api_key="sesame")
+        try:
+            driver.set_window_size(1200, 700)
+            driver.get(keyed.url + "/")
+            wait_for(lambda: driver.find_element(By.ID, "apikey").is_displayed())
+            ask("Detect all instances of: circle.")
+            wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            assert "API key" in driver.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+            driver.find_element(By.ID, "apikey").send_keys("sesame\t")
+            ask("Detect all instances of: circle.")
+            wait_for(lambda: BOXES in assistant_texts()[-1])
+            shot("8-api-key")
+        finally:
+            keyed.stop()
         print(f"screenshots: {shots}")
     finally:
         driver.quit()

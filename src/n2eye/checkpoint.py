@@ -49,10 +49,14 @@ def copy_modeling_files(out_dir: str | Path) -> None:
 
 
 def default_generation_config(tokenizer, **overrides) -> GenerationConfig:
-    """Generation settings that stop at `<|im_end|>` and use LFM2-VL's sampling defaults."""
+    """Generation settings that stop at `<|im_end|>`, never sample structure tokens (`<image>`, `<|im_start|>`, ...)
+    and use LFM2-VL's sampling defaults."""
+    from .modeling.processing_n2eye import never_generated_token_ids
+
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     settings = {
         **GENERATION_DEFAULTS,
+        "suppress_tokens": never_generated_token_ids(tokenizer),
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": im_end,
         "pad_token_id": tokenizer.pad_token_id,

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from n2eye.modeling.image_io import (
     URL_TIMEOUT_S,
     ImageLoadError,
     load_image,
+    read_url,
 )
 
 
@@ -60,15 +59,10 @@ class ImageCache:
         return self.cache_dir / digest[:2] / digest
 
     def _download(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": "n2eye"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                data = response.read(self.max_bytes + 1)
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
-            raise ImageFetchError(f"Could not fetch image URL {url[:120]}: {err}.") from err
-        if len(data) > self.max_bytes:
-            raise ImageFetchError(f"Image at {url[:120]} is larger than {self.max_bytes} bytes (the cap).")
-        return data
+            return read_url(url, timeout=self.timeout, max_bytes=self.max_bytes)
+        except ImageLoadError as err:
+            raise ImageFetchError(str(err)) from err
 
     def fetch(self, url: str) -> Path:
         """Returns the local file for `url`, downloading it on the first call. Only decodable images are cached."""

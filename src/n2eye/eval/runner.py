@@ -40,6 +40,8 @@ class EvalConfig:
     """Replace every image with uniform grey (the text-prior baseline)."""
     quantize: str | None = None
     """Evaluate the model with weight-only int8 or int4 language-model layers (what quantization costs)."""
+    trust_remote_code: bool = False
+    """Run the checkpoint's own code when it differs from the installed n2eye's (only for checkpoints you trust)."""
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
@@ -96,7 +98,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     from ..infer.engine import load
 
     out = check_file_writable(cfg.out)  # fail now, not after the long part
-    engine = engine or load(cfg.model, quantize=cfg.quantize)
+    engine = engine or load(cfg.model, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):

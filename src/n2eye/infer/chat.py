@@ -23,6 +23,8 @@ class ChatConfig:
     """Most tokens per answer."""
     temperature: float | None = None
     """Sampling temperature; 0 for greedy (default: the checkpoint's, 0.1)."""
+    trust_remote_code: bool = False
+    """Run the checkpoint's own code when it differs from the installed n2eye's (only for checkpoints you trust)."""
 
 
 def chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
@@ -30,7 +32,7 @@ def chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
     from .engine import load
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engine = load(cfg.model)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
     system, pending_images = cfg.system, [cfg.image] if cfg.image else []
     session = engine.session(system=system)
     answers = 0

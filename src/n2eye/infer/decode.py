@@ -34,7 +34,15 @@ def greedy_decode(
     out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
                 attention_mask=torch.ones((1, length), dtype=torch.long, device=input_ids.device),
                 **prefill_inputs)  # fmt: skip
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # generate's SuppressTokensLogitsProcessor, then argmax
+        if suppressed:
+            logits = logits.clone()
+            logits[:, suppressed] = -float("inf")
+        return logits.argmax(-1, keepdim=True)
+
+    token = pick(out.logits[:, -1])
     tokens = [token]
     for _ in range(max_new_tokens - 1):
         if int(token) in stop:
@@ -42,6 +50,6 @@ def greedy_decode(
         length += 1
         out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1,
                     position_ids=torch.tensor([[length - 1]], device=input_ids.device))  # fmt: skip
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = pick(out.logits[:, -1])
         tokens.append(token)
     return torch.cat(tokens, dim=1), cache

@@ -10,6 +10,8 @@ Vision grids are cached by image content (bounded LRU), so the same picture is e
 from __future__ import annotations
 
 import hashlib
+import json
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -17,9 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TextStreamer
+from transformers import StoppingCriteria, TextStreamer
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
+
+
+class StopOnEvent(StoppingCriteria):
+    """Ends `generate` once `event` is set (a client went away, a stream was closed)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
+    """`text` up to the first of the `stops` strings (which OpenAI's API leaves out), and whether one was found."""
+    positions = [i for i in (text.find(s) for s in stops or []) if i >= 0]
+    return (text[: min(positions)], True) if positions else (text, False)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> bytes:
@@ -64,6 +82,10 @@ class N2Eye:
         self.vision_cache = VisionGridCache(model, image_cache_size)
         self._end_ids = {i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS) if i is not None}
         self._lock = threading.Lock()
+        from ..modeling.processing_n2eye import never_generated_token_ids
+
+        # checkpoints saved before `suppress_tokens` was in their generation_config get it here
+        self._suppress = None if model.generation_config.suppress_tokens else never_generated_token_ids(self.tokenizer)
 
     @classmethod
     def load(
@@ -73,15 +95,28 @@ class N2Eye:
         device: str | None = None,
         quantize: str | None = None,
         bf16_kernel: bool = False,
+        trust_remote_code: bool = False,
     ) -> N2Eye:
-        """Loads a checkpoint folder or hub id exactly as transformers users do (trust_remote_code).
+        """Loads a checkpoint folder or hub id as transformers users do. A checkpoint's own code (its copies of
+        our modeling files) runs only when `trust_remote_code=True`; when its files equal the installed n2eye's,
+        the installed package's classes are used and no flag is needed (`checkpoint_code`).
         `quantize="int8"` or `"int4"` swaps the LM's linear layers for weight-only kernels (CPU; opt-in because
         it changes the numbers: see benchmarks/README.md). `bf16_kernel=True` (bf16 on a CPU with AVX-512 BF16)
         runs decode rows through our bf16 kernel: faster, and numbers that differ in the last bit. LFM2's short
         conv always takes the exact fused one-token path on CPU."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=True, dtype=dtype)
+        code = checkpoint_code(path, trust_remote_code)
+        if code == "package":  # the checkpoint's code is ours: run the installed copy
+            from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
+            from ..modeling.processing_n2eye import N2EyeProcessor
+
+            model = N2EyeForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
+            processor = N2EyeProcessor.from_pretrained(str(path))
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=code == "remote",
+                                                                dtype=dtype)  # fmt: skip
+            processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=code == "remote")
         if device:
             model.to(device)
         if quantize:
@@ -92,18 +127,24 @@ class N2Eye:
             from .fast_decode import use_fast_decode
 
             use_fast_decode(model, bf16_kernel=bf16_kernel)
-        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
         return cls(model, processor)
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def generation_options(self, **overrides: Any) -> dict[str, Any]:
         """The checkpoint's generation_config (LFM2-VL defaults) with the caller's overrides; greedy when
-        temperature is 0."""
+        temperature is 0. `stop` (a string or list of strings, as in OpenAI's API) ends the answer before it.
+        Structure tokens (`<image>`, `<|im_start|>`, ...) are never sampled."""
         options = {k: v for k, v in overrides.items() if v is not None}
         if options.get("temperature") == 0:
             options.pop("temperature")
             options["do_sample"] = False
         options.setdefault("max_new_tokens", 256)
+        if self._suppress:
+            options.setdefault("suppress_tokens", self._suppress)
+        stop = options.pop("stop", None)
+        if stop:
+            options["stop_strings"] = [stop] if isinstance(stop, str) else list(stop)
+            options["tokenizer"] = self.tokenizer
         return options
 
     def decode(self, ids) -> str:
@@ -138,20 +179,23 @@ class N2Eye:
         images: list | None = None,
         tools: list[dict] | None = None,
         stream: bool = False,
+        cancel: threading.Event | None = None,
         **options: Any,
     ):
         """Answers a conversation (HF chat messages, images as content items, or `{"type": "image"}` placeholders
-        filled in order from `images`). Returns the text, or an iterator of text chunks with `stream=True`."""
+        filled in order from `images`). Returns the text, or an iterator of text chunks with `stream=True`
+        (closing the iterator, or setting `cancel`, stops the generation)."""
         if images:
             from ..data.collate import fill_images
 
             messages = fill_images(messages, list(images))
         inputs = self._model_inputs(self._encode(messages, tools))
+        options = self.generation_options(**options)
         if stream:
-            return self._stream(inputs, self.generation_options(**options))
+            return self._stream(inputs, options, cancel or threading.Event())
         with self._lock, torch.inference_mode():
-            out = self.model.generate(**inputs, **self.generation_options(**options))
-        return self.decode(out[0, inputs["input_ids"].shape[1] :])
+            out = self.model.generate(**inputs, **options)
+        return cut_at_stop(self.decode(out[0, inputs["input_ids"].shape[1] :]), options.get("stop_strings"))[0]
 
     def chat_message(
         self, messages: list[dict], images: list | None = None, tools: list[dict] | None = None, **options: Any
@@ -190,12 +234,13 @@ class N2Eye:
             while generated and generated[-1] == pad:  # rows that ended early are padded
                 generated.pop()
             ended = bool(generated) and generated[-1] in self._end_ids
+            text, stopped = cut_at_stop(self.decode(generated), options.get("stop_strings"))
             results.append(
                 {
-                    "text": self.decode(generated),
+                    "text": text,
                     "prompt_tokens": int(n_prompt),
                     "completion_tokens": len(generated),
-                    "finish_reason": "stop" if ended or len(generated) < options["max_new_tokens"] else "length",
+                    "finish_reason": "stop" if stopped or ended or len(generated) < options["max_new_tokens"] else "length",
                 }
             )
         return results
@@ -204,23 +249,57 @@ class N2Eye:
         """Tokens the conversation takes as a prompt, image tokens included."""
         return int(self._encode(messages, tools)["input_ids"].shape[1])
 
-    def _stream(self, inputs: dict, options: dict) -> Iterator[str]:
+    def _stream(self, inputs: dict, options: dict, cancel: threading.Event) -> Iterator[str]:
+        """Text chunks as `generate` (in a worker thread) produces them. A failure in the worker is raised here
+        (never a hang); closing this iterator or setting `cancel` ends the generation and the worker."""
         from transformers import TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=False, timeout=0.5)
+        failure: list[BaseException] = []
+        criteria = [StopOnEvent(cancel), *(options.pop("stopping_criteria", None) or [])]
 
         def run() -> None:
-            with self._lock, torch.inference_mode():
-                self.model.generate(**inputs, **options, streamer=streamer)
+            try:
+                with self._lock, torch.inference_mode():
+                    self.model.generate(**inputs, **options, streamer=streamer, stopping_criteria=criteria)
+            except BaseException as err:  # reaches the consumer below, which raises it
+                failure.append(err)
+            finally:
+                streamer.end()
 
-        thread = threading.Thread(target=run, daemon=True)
+        thread = threading.Thread(target=run, daemon=True, name="n2eye-stream")
         thread.start()
-        for chunk in streamer:
-            for token in END_TOKENS:
-                chunk = chunk.replace(token, "")
-            if chunk:
-                yield chunk
-        thread.join()
+        stops = options.get("stop_strings") or []
+        hold = max((len(s) for s in stops), default=1) - 1  # text that may be the start of a stop string
+        text, shown = "", 0
+        try:
+            while True:
+                try:
+                    chunk = next(streamer)
+                except StopIteration:
+                    break
+                except queue.Empty:  # nothing yet: waiting for the lock or a slow step, unless the worker died
+                    if thread.is_alive():
+                        continue
+                    break
+                for token in END_TOKENS:
+                    chunk = chunk.replace(token, "")
+                text += chunk
+                visible, stopped = cut_at_stop(text, stops)
+                end = len(visible) if stopped else max(shown, len(visible) - hold)
+                if end > shown:
+                    yield visible[shown:end]
+                    shown = end
+                if stopped:
+                    cancel.set()
+                    break
+            if failure:
+                raise failure[0]
+            if not cancel.is_set() and len(text) > shown:
+                yield text[shown:]
+        finally:
+            cancel.set()
+            thread.join(timeout=60)
 
     # ---- multi-turn ------------------------------------------------------------------------------------------------
     def session(self, system: str | None = None, tools: list[dict] | None = None) -> ChatSession:
@@ -333,7 +412,54 @@ def load(
     device: str | None = None,
     quantize: str | None = None,
     bf16_kernel: bool = False,
+    trust_remote_code: bool = False,
 ) -> N2Eye:
     """`n2eye.load(path)`: the model and processor behind one object (`quantize="int8"|"int4"` and
-    `bf16_kernel=True`: opt-in, they change the numbers)."""
-    return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize, bf16_kernel=bf16_kernel)
+    `bf16_kernel=True`: opt-in, they change the numbers; `trust_remote_code=True`: run a checkpoint's own code
+    when it differs from the installed n2eye's)."""
+    return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize, bf16_kernel=bf16_kernel,
+                      trust_remote_code=trust_remote_code)  # fmt: skip
+
+
+class UntrustedCodeError(ValueError):
+    """A checkpoint carries code that differs from the installed n2eye's and was not trusted explicitly."""
+
+
+def checkpoint_code(path: str | Path, trust_remote_code: bool = False) -> str:
+    """Decides whose code loads `path`:
+
+    - "native": no code in the checkpoint (transformers' own classes, e.g. an exported Lfm2Vl);
+    - "package": its code files equal the installed n2eye's, whose classes are used;
+    - "remote": the checkpoint's own code, only when trusted explicitly (with a warning); otherwise
+      `UntrustedCodeError` names the files that differ."""
+    import filecmp
+    import warnings
+
+    from transformers.utils import cached_file
+
+    from ..checkpoint import MODELING_FILES, modeling_source_dir
+
+    config_file = cached_file(str(path), "config.json")
+    auto_map = json.loads(Path(config_file).read_text()).get("auto_map") if config_file else None
+    if not auto_map:
+        return "native"
+    folder = Path(config_file).parent
+    ours = modeling_source_dir()
+    code = sorted({*(p.name for p in folder.glob("*.py")), *MODELING_FILES})
+    differing = []
+    for name in code:
+        theirs = folder / name if (folder / name).exists() else cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
+        if theirs is None or not (ours / name).exists() or not filecmp.cmp(theirs, ours / name, shallow=False):
+            differing.append(name)
+    if not differing:
+        return "package"
+    if trust_remote_code:
+        warnings.warn(f"Running the code shipped in {path} ({', '.join(differing)} differ from the installed n2eye's): "
+                      "trusted explicitly.", stacklevel=3)  # fmt: skip
+        return "remote"
+    raise UntrustedCodeError(
+        f"{path} carries code that differs from the installed n2eye's ({', '.join(differing)}); it is not run "
+        "unless you trust it: pass trust_remote_code=True (CLI: --trust-remote-code). A checkpoint saved by an "
+        "older n2eye can instead take the installed code: python -c \"from n2eye.checkpoint import "
+        f"copy_modeling_files; copy_modeling_files('{path}')\"."
+    )

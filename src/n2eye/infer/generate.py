@@ -42,6 +42,8 @@ class GenerateConfig:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.requests is None):
             raise ValueError("Give either --prompt (one request) or --requests FILE.jsonl.")
+    trust_remote_code: bool = False
+    """Run the checkpoint's own code when it differs from the installed n2eye's (only for checkpoints you trust)."""
 
 
 def build_messages(prompt: str, image: str | None = None, system: str | None = None) -> list[dict]:
@@ -69,7 +71,7 @@ def generate(cfg: GenerateConfig) -> str | list[dict]:
                "repetition_penalty": cfg.repetition_penalty}  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.prompt is not None:
-        return load(cfg.model).chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
+        return load(cfg.model, trust_remote_code=cfg.trust_remote_code).chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
     lines = [line for line in Path(cfg.requests).read_text().splitlines() if line.strip()]
     requests = []
     for number, line in enumerate(lines, 1):
@@ -77,7 +79,7 @@ def generate(cfg: GenerateConfig) -> str | list[dict]:
             requests.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise ValueError(f"{cfg.requests} line {number} is not JSON: {err}") from err
-    engine = load(cfg.model)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
     results = []
     for start in tqdm(range(0, len(requests), cfg.batch_size), desc="generate", unit="batch"):
         chunk = requests[start : start + cfg.batch_size]

@@ -4,22 +4,29 @@ Routes: `POST /v1/chat/completions` (streaming SSE or not), `GET /v1/models`, `G
 at `/`. Non-streaming requests wait in a bounded queue and are answered in batches (one `generate` call per batch
 of compatible requests); past the queue limit the answer is 429. Every bad input gets an OpenAI-style 4xx error
 body and the server goes on serving.
+
+Security model (README, "Serving"): binds 127.0.0.1 by default; `--api-key` guards every route but /health and
+the page (compared in constant time; the page asks for the key); a loopback server answers only requests whose
+Host is a loopback name (DNS rebinding) and refuses cross-origin browser requests (Origin, and a JSON
+Content-Type, which a page on another site cannot send without a CORS preflight we never grant); bodies are
+capped; image URLs are fetched only from public addresses, checked at every redirect and pinned against DNS
+rebinding (`image_io.read_url`); message text never carries chat-format control tokens (400,
+`processing_n2eye.ControlTokenError`); checkpoint code runs only when it is the installed package's or trusted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import hmac
 import json
+import math
 import queue
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 # module-level: FastAPI resolves the route annotations (`Request`) from this module's globals
 from fastapi import FastAPI, Request
@@ -60,6 +67,13 @@ class ServeConfig:
     """Requests answered together in one generate call."""
     queue_limit: int = 64
     """Requests waiting or running at once; more get HTTP 429."""
+    max_request_bytes: int = 64_000_000
+    """Largest request body accepted, in bytes (413 beyond)."""
+    allowed_hosts: str = ""
+    """Comma-separated Host names this server answers to (default: loopback names when bound to loopback, any
+    otherwise); a guard against DNS rebinding."""
+    trust_remote_code: bool = False
+    """Run a checkpoint's own code even when it differs from the installed n2eye's (only for checkpoints you trust)."""
 
 
 class APIError(Exception):
@@ -74,38 +88,11 @@ class APIError(Exception):
 
 
 # ---- images ----------------------------------------------------------------------------------------------------
-def check_public_url(url: str) -> None:
-    """Refuses URLs whose host resolves to a private, loopback, link-local or reserved address."""
-    host = urlparse(url).hostname
-    if not host:
-        raise APIError(400, f"Image URL {url[:80]!r} has no host.", param="messages")
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror as err:
-        raise APIError(400, f"Image URL host {host!r} does not resolve: {err}.", param="messages") from err
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if address.is_private or address.is_loopback or address.is_link_local or address.is_reserved or address.is_multicast:
-            raise APIError(
-                400,
-                f"Image URL host {host!r} resolves to a private address ({address}); refused. "
-                "Start the server with --allow-private-urls to allow it.",
-                param="messages",
-                code="private_url",
-            )
-
-
 def load_request_image(url: str, cfg: ServeConfig):
     """An image from an OpenAI `image_url`: data URI, http(s) URL (public unless allowed) or, if enabled, a path."""
-    from ..modeling.image_io import load_image
+    from ..modeling.image_io import ImageURLRefused, load_image
 
-    if url.startswith("data:"):
-        source = url
-    elif url.startswith(("http://", "https://")):
-        if not cfg.allow_private_urls:
-            check_public_url(url)
-        source = url
-    else:
+    if not url.startswith(("data:", "http://", "https://")):
         if not cfg.allow_local_files:
             raise APIError(
                 400,
@@ -113,11 +100,45 @@ def load_request_image(url: str, cfg: ServeConfig):
                 "(start the server with --allow-local-files to enable them).",
                 param="messages",
             )
-        source = url[len("file://") :] if url.startswith("file://") else url
+        url = url[len("file://") :] if url.startswith("file://") else url
     try:
-        return load_image(source, timeout=10.0, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+        return load_image(url, timeout=10.0, max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels,
+                          public_only=not cfg.allow_private_urls)  # fmt: skip
+    except ImageURLRefused as err:
+        raise APIError(400, f"Image URL refused: {err}", param="messages", code="private_url") from err
     except ValueError as err:
         raise APIError(400, f"Bad image: {err}", param="messages", code="invalid_image") from err
+
+
+def check_tool_calls(calls: Any, index: int) -> None:
+    """An assistant message's `tool_calls`: a list of {"type": "function", "function": {"name", "arguments"}}."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be a list of tool calls.", param="messages")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(400, f'{where}[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                           '"arguments": ...}}}}.', param="messages")  # fmt: skip
+        if not isinstance(function.get("arguments", "{}"), (str, dict)):
+            raise APIError(400, f"{where}[{i}].function.arguments must be a JSON string or an object.",
+                           param="messages")  # fmt: skip
+
+
+def check_tools(tools: Any) -> list[dict] | None:
+    """The request's `tools`: None, or a list of {"type": "function", "function": {"name": ..., ...}}."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list.", param="tools")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(400, f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., '
+                           '"parameters": {...}}}}.', param="tools")  # fmt: skip
+        if not isinstance(function.get("parameters", {}), dict):
+            raise APIError(400, f"tools[{i}].function.parameters must be a JSON Schema object.", param="tools")
+    return tools
 
 
 def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
@@ -135,7 +156,10 @@ def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
             for item in content:
                 kind = item.get("type") if isinstance(item, dict) else None
                 if kind == "text":
-                    items.append({"type": "text", "text": str(item.get("text", ""))})
+                    if not isinstance(item.get("text", ""), str):
+                        raise APIError(400, f"messages[{index}] has a text item whose text is not a string.",
+                                       param="messages")  # fmt: skip
+                    items.append({"type": "text", "text": item.get("text", "")})
                 elif kind in ("image_url", "image"):
                     raw = item.get("image_url") if kind == "image_url" else item.get("url") or item.get("image")
                     url = raw.get("url") if isinstance(raw, dict) else raw
@@ -151,7 +175,8 @@ def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
         elif content is not None and not isinstance(content, str):
             raise APIError(400, f"messages[{index}].content must be a string or a list of items.", param="messages")
         converted = {"role": message["role"], "content": content if content is not None else ""}
-        if message.get("tool_calls"):
+        if message.get("tool_calls") is not None:
+            check_tool_calls(message["tool_calls"], index)
             converted["tool_calls"] = message["tool_calls"]
         out.append(converted)
     from ..modeling.tool_calls import normalize_tool_calls
@@ -215,22 +240,166 @@ def _resolve(future: asyncio.Future, result, error) -> None:
         future.set_result(result)
 
 
-# ---- the app ---------------------------------------------------------------------------------------------------
+# ---- the request ---------------------------------------------------------------------------------------------
+class GenerationFailed(Exception):
+    """`generate` itself failed: the server's fault, never the client's (500, and the server goes on)."""
+
+
+def _number(body: dict, name: str, low: float, high: float, low_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise APIError(400, f"{name} must be a finite number.", param=name)
+    if value > high or value < low or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise APIError(400, f"{name} must be in {interval}; got {value}.", param=name)
+    return float(value)
+
+
 def generation_options(body: dict, cfg: ServeConfig) -> dict[str, Any]:
-    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 256
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, "max_tokens must be a positive integer.", param="max_tokens")
+    """Checks the sampling fields of a request and returns the engine's options (every field a client can send
+    is either honoured or refused with a 400, never silently replaced)."""
+    field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(field, 256) if body.get(field) is not None else 256
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise APIError(400, f"{field} must be a positive integer; got {json.dumps(max_tokens)[:40]}.", param=field)
     if max_tokens > cfg.max_new_tokens:
-        raise APIError(400, f"max_tokens {max_tokens} is over this server's cap of {cfg.max_new_tokens}.",
-                       param="max_tokens")  # fmt: skip
+        raise APIError(400, f"{field} {max_tokens} is over this server's cap of {cfg.max_new_tokens}.", param=field)
     options: dict[str, Any] = {"max_new_tokens": max_tokens}
-    for name in ("temperature", "top_p"):
-        value = body.get(name)
-        if value is not None:
-            if not isinstance(value, (int, float)) or value < 0:
-                raise APIError(400, f"{name} must be a number >= 0.", param=name)
-            options[name] = float(value)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    if temperature is not None:
+        options["temperature"] = temperature
+    top_p = _number(body, "top_p", 0.0, 1.0, low_open=True)
+    if top_p is not None:
+        options["top_p"] = top_p
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise APIError(400, "n must be 1: this server returns one choice per request.", param="n")
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not 1 <= len(stops) <= 4 or not all(isinstance(x, str) and x for x in stops):
+            raise APIError(400, "stop must be a non-empty string or a list of 1-4 non-empty strings.", param="stop")
+        options["stop"] = stops
     return options
+
+
+@dataclass
+class ChatRequest:
+    """A chat completion request, checked field by field before it takes a slot."""
+
+    messages: Any
+    tools: list[dict] | None
+    options: dict[str, Any]
+    stream: bool
+    include_usage: bool
+
+
+def parse_request(body: Any, cfg: ServeConfig, model_name: str) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    if body.get("model") not in (None, model_name):
+        raise APIError(404, f"The model {str(body.get('model'))[:80]!r} does not exist; this server serves "
+                       f"{model_name!r}.", param="model", code="model_not_found")  # fmt: skip
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false.", param="stream")
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, dict):
+        raise APIError(400, 'stream_options must be an object, e.g. {"include_usage": true}.', param="stream_options")
+    include_usage = (stream_options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError(400, "stream_options.include_usage must be true or false.", param="stream_options")
+    tools = check_tools(body.get("tools"))
+    return ChatRequest(body.get("messages"), tools, generation_options(body, cfg), bool(stream), include_usage)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON: strict (no NaN/Infinity), and a 400 for anything else, nesting bombs included."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except RecursionError as err:
+        raise APIError(400, "The request body is nested too deeply.") from err
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise APIError(400, f"The request body is not valid JSON: {str(err)[:200]}.") from err
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 once it passes `limit` bytes (by its Content-Length, or while it arrives)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise APIError(413, f"The request body is {int(length)} bytes, over this server's limit of {limit}.",
+                       code="request_too_large")  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"The request body is over this server's limit of {limit} bytes.",
+                           code="request_too_large")  # fmt: skip
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def allowed_host_names(cfg: ServeConfig) -> set[str] | None:
+    """The Host names this server answers to; None: any (a server bound to a public address)."""
+    if cfg.allowed_hosts:
+        return {h.strip().lower() for h in cfg.allowed_hosts.split(",") if h.strip()}
+    if cfg.host in LOOPBACK_NAMES or cfg.host.startswith("127."):
+        return set(LOOPBACK_NAMES) | {cfg.host}
+    return None
+
+
+def _host_name(host_header: str) -> str:
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+# ---- the app ---------------------------------------------------------------------------------------------------
+class Slots:
+    """Requests in flight (waiting or generating), with release that runs exactly once per slot taken."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_flight = limit, 0
+
+    def take(self):
+        if self.in_flight >= self.limit:
+            raise APIError(429, f"Too many requests in flight ({self.limit}); retry shortly.", "rate_limit_error",
+                           code="queue_full")  # fmt: skip
+        self.in_flight += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+
+        return release
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """Gives the request's slot back when the response ends, however it ends (done, error, client gone, or never
+    started)."""
+
+    def __init__(self, content, release, **kwargs):
+        super().__init__(content, **kwargs)
+        self.release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
 
 
 def create_app(engine, cfg: ServeConfig):
@@ -238,24 +407,43 @@ def create_app(engine, cfg: ServeConfig):
     app = FastAPI(title="N2-Eye", version="1")
     model_name = cfg.model_name or Path(str(cfg.model)).name
     batcher = Batcher(engine, cfg.max_batch)
-    state = {"in_flight": 0}
+    slots = Slots(cfg.queue_limit)
+    hosts = allowed_host_names(cfg)
+    expected_auth = f"Bearer {cfg.api_key}".encode() if cfg.api_key else None
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
         return JSONResponse(err.body(), status_code=err.status)
 
+    def refuse(status: int, message: str, type_: str, code: str) -> JSONResponse:
+        return JSONResponse(APIError(status, message, type_, code=code).body(), status_code=status)
+
     @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if cfg.api_key and request.url.path not in ("/health", "/") and not request.url.path.startswith("/static"):
-            if request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-                err = APIError(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.", "authentication_error",
-                               code="invalid_api_key")  # fmt: skip
-                return JSONResponse(err.body(), status_code=401)
+    async def guard(request: Request, call_next):
+        host = _host_name(request.headers.get("host", ""))
+        if hosts is not None and host not in hosts:
+            return refuse(403, f"Host {host[:80]!r} is not served here (a guard against DNS rebinding); start the "
+                          "server with --allowed-hosts NAME to answer to it.", "permission_error", "host_not_allowed")
+        origin = request.headers.get("origin")
+        if origin and origin.split("://", 1)[-1].lower() != request.headers.get("host", "").lower():
+            return refuse(403, f"Cross-origin request from {origin[:80]!r} refused.", "permission_error",
+                          "cross_origin")  # fmt: skip
+        if expected_auth and request.url.path not in ("/health", "/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected_auth):
+                return refuse(401, "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
+                              "authentication_error", "invalid_api_key")  # fmt: skip
+        if request.method == "POST":
+            content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                return refuse(415, "Send the request body as JSON with 'Content-Type: application/json'.",
+                              "invalid_request_error", "unsupported_media_type")  # fmt: skip
         return await call_next(request)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "in_flight": state["in_flight"]}
+        return {"status": "ok", "model": model_name, "in_flight": slots.in_flight,
+                "auth": bool(cfg.api_key)}  # fmt: skip
 
     @app.get("/v1/models")
     async def models():
@@ -267,54 +455,54 @@ def create_app(engine, cfg: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"The request body is not valid JSON: {err}.") from err
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object.")
-        if body.get("model") not in (None, model_name):
-            raise APIError(404, f"The model {body.get('model')!r} does not exist; this server serves {model_name!r}.",
-                           param="model", code="model_not_found")  # fmt: skip
-        tools = body.get("tools") or None
-        if tools is not None and not isinstance(tools, list):
-            raise APIError(400, "'tools' must be a list.", param="tools")
-        options = generation_options(body, cfg)
-        if state["in_flight"] >= cfg.queue_limit:
-            raise APIError(429, f"Too many requests in flight ({cfg.queue_limit}); retry shortly.", "rate_limit_error",
-                           code="queue_full")  # fmt: skip
-        state["in_flight"] += 1
-        handed_off = False  # a stream decrements the count itself when it ends
+        chat = parse_request(parse_json(await read_body(request, cfg.max_request_bytes)), cfg, model_name)
+        release = slots.take()
         try:
             loop = asyncio.get_running_loop()
-            messages, _ = await loop.run_in_executor(None, to_hf_messages, body.get("messages"), cfg)
-            prompt_tokens = await loop.run_in_executor(None, engine.count_prompt_tokens, messages, tools)
+            try:
+                messages, _ = await loop.run_in_executor(None, to_hf_messages, chat.messages, cfg)
+                prompt_tokens = await loop.run_in_executor(None, engine.count_prompt_tokens, messages, chat.tools)
+            except ValueError as err:  # the chat template's own checks (control tokens, roles, images)
+                code = "control_token" if type(err).__name__ == "ControlTokenError" else None
+                raise APIError(400, str(err), param="messages", code=code) from err
             if prompt_tokens > cfg.max_prompt_tokens:
                 raise APIError(400, f"The prompt has {prompt_tokens} tokens (images included), over the limit of "
                                f"{cfg.max_prompt_tokens}.", param="messages", code="context_length_exceeded")  # fmt: skip
             completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-            if body.get("stream"):
-                handed_off = True
-                return StreamingResponse(
-                    stream_chunks(engine, messages, tools, options, model_name, completion_id, prompt_tokens, state,
-                                  include_usage=bool((body.get("stream_options") or {}).get("include_usage"))),
-                    media_type="text/event-stream",
-                )  # fmt: skip
+            if chat.stream:
+                stream = stream_chunks(engine, messages, chat.tools, chat.options, model_name, completion_id,
+                                       prompt_tokens, include_usage=chat.include_usage)  # fmt: skip
+                response = SlotStreamingResponse(stream, release, media_type="text/event-stream")
+                release = None  # the response gives the slot back
+                return response
             future = loop.create_future()
-            batcher.jobs.put(Job(messages, tools, options, future, loop))
-            result = await future
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from err
+            batcher.jobs.put(Job(messages, chat.tools, chat.options, future, loop))
+            try:
+                result = await future
+            except Exception as err:
+                raise APIError(500, f"Generation failed: {type(err).__name__}: {str(err)[:300]}", "server_error",
+                               code="generation_failed") from err  # fmt: skip
         finally:
-            if not handed_off:
-                state["in_flight"] -= 1
+            if release is not None:
+                release()
         return completion_body(engine, result, model_name, completion_id)
 
     return app
 
 
+def split_tool_calls(engine, text: str) -> tuple[str, list[dict]]:
+    """(content, tool_calls) of generated text; an unfinished or malformed call (cut by max_tokens, say) stays out
+    of both: content is the text before it."""
+    from ..modeling.tool_calls import TOOL_CALL_START, ToolCallParseError
+
+    try:
+        return engine.processor.parse_tool_calls(text)
+    except ToolCallParseError:
+        return text.split(TOOL_CALL_START)[0], []
+
+
 def completion_body(engine, result: dict, model_name: str, completion_id: str) -> dict:
-    content, calls = engine.processor.parse_tool_calls(result["text"])
+    content, calls = split_tool_calls(engine, result["text"])
     message: dict[str, Any] = {"role": "assistant", "content": content}
     finish = result["finish_reason"]
     if calls:
@@ -332,12 +520,17 @@ def completion_body(engine, result: dict, model_name: str, completion_id: str) -
     }
 
 
-async def stream_chunks(engine, messages, tools, options, model_name, completion_id, prompt_tokens, state,
+async def stream_chunks(engine, messages, tools, options, model_name, completion_id, prompt_tokens,
                         include_usage: bool = False):  # fmt: skip
-    """Server-sent events in OpenAI's chunk format; tool calls arrive as one final delta."""
+    """Server-sent events in OpenAI's chunk format; tool calls arrive as one final delta. Always ends with a finish
+    chunk and `[DONE]` (an error mid-stream is reported as an error event first); a client that goes away stops
+    the generation and its threads."""
+    from ..modeling.tool_calls import TOOL_CALL_START
+
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue = asyncio.Queue()
     created = int(time.time())
+    cancel = threading.Event()
 
     def event(delta: dict, finish=None, usage=None) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -346,42 +539,59 @@ async def stream_chunks(engine, messages, tools, options, model_name, completion
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def produce() -> None:
+    def put(item) -> None:
         try:
-            for piece in engine.chat(messages, tools=tools, stream=True, **options):
-                loop.call_soon_threadsafe(chunks.put_nowait, piece)
-        except Exception as err:  # reported in the stream, the server goes on
-            loop.call_soon_threadsafe(chunks.put_nowait, err)
-        loop.call_soon_threadsafe(chunks.put_nowait, None)
+            loop.call_soon_threadsafe(chunks.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            cancel.set()
 
-    threading.Thread(target=produce, daemon=True).start()
+    def produce() -> None:
+        pieces = None
+        try:
+            pieces = engine.chat(messages, tools=tools, stream=True, cancel=cancel, **options)
+            for piece in pieces:
+                if cancel.is_set():
+                    break
+                put(piece)
+        except Exception as err:  # reported in the stream, the server goes on
+            put(err)
+        finally:
+            if hasattr(pieces, "close"):
+                pieces.close()  # ends the generation thread
+            put(None)
+
+    worker = threading.Thread(target=produce, daemon=True, name="n2eye-stream-producer")
+    worker.start()
+    failed = False
     try:
         yield event({"role": "assistant", "content": ""})
         text, shown = "", 0
         while (piece := await chunks.get()) is not None:
             if isinstance(piece, Exception):
-                yield f"data: {json.dumps(APIError(500, str(piece), 'server_error').body())}\n\n"
-                break
+                error = APIError(500, f"Generation failed: {type(piece).__name__}: {str(piece)[:300]}", "server_error",
+                                 code="generation_failed")  # fmt: skip
+                yield f"data: {json.dumps(error.body())}\n\n"
+                failed = True
+                continue
             text += piece
-            visible = text.split("<|tool_call_start|>")[0]  # markup is never streamed as content
+            visible = text.split(TOOL_CALL_START)[0]  # markup is never streamed as content
             if len(visible) > shown:
                 yield event({"content": visible[shown:]})
                 shown = len(visible)
-        _, calls = engine.processor.parse_tool_calls(text) if "<|tool_call_start|>" in text else ("", [])
+        _, calls = split_tool_calls(engine, text) if TOOL_CALL_START in text else ("", [])
+        completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
         if calls:
-            delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
-            yield event(delta, finish="tool_calls")
+            yield event({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}, finish="tool_calls")
         else:
-            completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
-            yield event({}, finish="length" if completion_tokens >= options["max_new_tokens"] else "stop")
+            cut = completion_tokens >= options["max_new_tokens"] and not failed
+            yield event({}, finish="length" if cut else "stop")
         if include_usage:
-            completion_tokens = len(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
             yield f"data: {json.dumps({'id': completion_id, 'object': 'chat.completion.chunk', 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        state["in_flight"] -= 1
+        cancel.set()  # the client went away, or the stream is done: the generation and both threads end
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -390,6 +600,6 @@ def serve(cfg: ServeConfig) -> None:
 
     from .engine import load
 
-    engine = load(cfg.model)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
     print(f"N2-Eye serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, chat page at /)")
     uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning")

@@ -21,6 +21,7 @@ import binascii
 import io
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -52,34 +53,166 @@ def _describe(source) -> str:
     return text[:80] + ("..." if len(text) > 80 else "")
 
 
-def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "n2eye"})
+class ImageURLRefused(ImageLoadError):
+    """A URL the caller's policy refuses: malformed, or (with `public_only`) not on the public internet."""
+
+
+MAX_REDIRECTS = 3
+
+
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    """(scheme, host, port, path?query) of an http(s) URL, strictly: URLs that different parsers read differently
+    (a backslash, credentials, whitespace or control characters) are refused rather than guessed at."""
+    from urllib.parse import urlsplit
+
+    if any(c in url for c in "\\\x00") or any(ord(c) < 33 or ord(c) == 127 for c in url):
+        raise ImageURLRefused(f"Image URL {_describe(url)} has a backslash, a space or a control character; refused.")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_bytes:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as err:
+        raise ImageURLRefused(f"Image URL {_describe(url)} is malformed ({err}).") from err
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageURLRefused(f"Image URL {_describe(url)} is not an http(s) URL with a host.")
+    if "@" in parts.netloc:
+        raise ImageURLRefused(f"Image URL {_describe(url)} carries credentials (user@host); refused.")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname, port or (443 if parts.scheme == "https" else 80), target
+
+
+def is_public_address(address: str) -> bool:
+    """True for an address on the public internet: not private, loopback, link-local, shared (100.64.0.0/10),
+    reserved or multicast (`is_global`, which `is_private` alone misses for shared space)."""
+    import ipaddress
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _public_address(host: str, port: int) -> str:
+    """Resolves `host` once; every address it has must be public. Returns the one to connect to, so the address
+    checked is the address used (no second lookup for DNS rebinding to change)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ImageLoadError(f"Image URL host {host!r} does not resolve: {err}.") from err
+    addresses = [info[4][0] for info in infos]
+    for address in addresses:
+        if not is_public_address(address):
+            raise ImageURLRefused(
+                f"Image URL host {host!r} resolves to a non-public address ({address}); refused (private networks "
+                "are off limits to clients; a server operator can allow them: n2eye serve --allow-private-urls)."
+            )
+    if not addresses:
+        raise ImageLoadError(f"Image URL host {host!r} does not resolve.")
+    return addresses[0]
+
+
+def _pinned_connection(scheme: str, host: str, port: int, address: str, timeout: float):
+    """An HTTP(S) connection to `address` that still speaks to `host` (Host header, TLS SNI and certificate)."""
+    import http.client
+    import socket
+
+    base = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+
+    class Pinned(base):
+        def connect(self) -> None:
+            sock = socket.create_connection((address, self.port), self.timeout)
+            self.sock = self._context.wrap_socket(sock, server_hostname=self.host) if scheme == "https" else sock
+
+    return Pinned(host, port, timeout=timeout)
+
+
+def _read_public_url(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
+    """GETs an image from the public internet only: each hop (redirects included, at most `MAX_REDIRECTS`) is
+    parsed strictly, resolved once, checked, and connected to at the checked address; `timeout` bounds the whole
+    fetch, not only each read."""
+    import http.client
+    from urllib.parse import urljoin
+
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_REDIRECTS + 1):
+        scheme, host, port, target = _split_url(url)
+        address = _public_address(host, port)
+        conn = _pinned_connection(scheme, host, port, address, timeout)
+        try:
+            conn.request("GET", target, headers={"User-Agent": "n2eye", "Accept": "image/*"})
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.getheader("Location")
+                if not location:
+                    raise ImageLoadError(f"Image URL {_describe(url)} redirects without a Location.")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
                 raise ImageLoadError(
-                    f"Image at {_describe(url)} is {int(length)} bytes, over the cap of {max_bytes} bytes; "
-                    "use a smaller image or raise max_bytes."
+                    f"Could not fetch image URL {_describe(url)}: HTTP {response.status} {response.reason}. Check "
+                    "the URL."
                 )
-            content_type = (response.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            data = response.read(max_bytes + 1)
-    except ImageLoadError:
-        raise
-    except urllib.error.HTTPError as err:
+            _check_length(url, response.getheader("Content-Length"), max_bytes)
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"Fetching image URL {_describe(url)} took over {timeout:.0f} s; refused.")
+                chunk = response.read(min(65536, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            return b"".join(chunks), response.getheader("Content-Type") or ""
+        except ImageLoadError:
+            raise
+        except (http.client.HTTPException, OSError, ValueError) as err:
+            raise ImageLoadError(f"Could not fetch image URL {_describe(url)}: {err}. Check the URL.") from err
+        finally:
+            conn.close()
+    raise ImageLoadError(f"Image URL {_describe(url)} redirects more than {MAX_REDIRECTS} times; refused.")
+
+
+def _check_length(url: str, length: str | None, max_bytes: int) -> None:
+    if length and length.isdigit() and int(length) > max_bytes:
         raise ImageLoadError(
-            f"Could not fetch image URL {_describe(url)}: HTTP {err.code} {err.reason}. Check the URL or pass a "
-            "local file."
-        ) from err
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
-        raise ImageLoadError(
-            f"Could not fetch image URL {_describe(url)}: {err}. Check the URL and the network, or pass a local file."
-        ) from err
+            f"Image at {_describe(url)} is {int(length)} bytes, over the cap of {max_bytes} bytes; "
+            "use a smaller image or raise max_bytes."
+        )
+
+
+def read_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES, public_only: bool = False) -> bytes:
+    """The bytes at an http(s) URL, capped at `max_bytes`. `public_only` (what a server facing strangers needs):
+    only public addresses, checked at every redirect and pinned against DNS rebinding; otherwise urllib as usual
+    (proxies honoured, a user's own network allowed)."""
+    if public_only:
+        data, content_type = _read_public_url(url, timeout, max_bytes)
+    else:
+        _split_url(url)
+        request = urllib.request.Request(url, headers={"User-Agent": "n2eye"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                _check_length(url, response.headers.get("Content-Length"), max_bytes)
+                content_type = response.headers.get("Content-Type") or ""
+                data = response.read(max_bytes + 1)
+        except ImageLoadError:
+            raise
+        except urllib.error.HTTPError as err:
+            raise ImageLoadError(
+                f"Could not fetch image URL {_describe(url)}: HTTP {err.code} {err.reason}. Check the URL or pass a "
+                "local file."
+            ) from err
+        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as err:
+            raise ImageLoadError(
+                f"Could not fetch image URL {_describe(url)}: {err}. Check the URL and the network, or pass a local "
+                "file."
+            ) from err
     if len(data) > max_bytes:
         raise ImageLoadError(
             f"Image at {_describe(url)} is larger than {max_bytes} bytes (the cap); use a smaller image or raise "
             "max_bytes."
         )
+    content_type = content_type.split(";")[0].strip().lower()
     if content_type in ("text/html", "application/xhtml+xml") and data.lstrip()[:1] == b"<":
         raise ImageLoadError(
             f"URL {_describe(url)} returned a {content_type} page, not an image; link to the image file itself "
@@ -163,7 +296,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _source_bytes(source, timeout: float, max_bytes: int) -> bytes:
+def _source_bytes(source, timeout: float, max_bytes: int, public_only: bool = False) -> bytes:
     """The encoded image bytes from bytes, a path, an http(s)/file URL, a data URI or bare base64."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
@@ -176,7 +309,7 @@ def _source_bytes(source, timeout: float, max_bytes: int) -> bytes:
         if not text.strip():
             raise ImageLoadError("Image path is an empty string; pass a file path, a URL, a data URI or a PIL image.")
         if text.startswith(("http://", "https://")):
-            return _read_url(text, timeout, max_bytes)
+            return read_url(text, timeout, max_bytes, public_only)
         if text.startswith("data:"):
             data = _decode_data_uri(text)
         else:
@@ -228,9 +361,11 @@ def load_image(
     timeout: float = URL_TIMEOUT_S,
     max_bytes: int = MAX_IMAGE_BYTES,
     max_pixels: int = MAX_IMAGE_PIXELS,
+    public_only: bool = False,
 ) -> Image.Image:
     """Returns an RGB PIL image from a PIL image, a path (or file:// URL), an http(s) URL, a data URI, bare base64
-    of a PNG/JPEG/GIF/WebP/TIFF, or raw bytes. The pixel cap is checked from the header, before decoding."""
+    of a PNG/JPEG/GIF/WebP/TIFF, or raw bytes. The pixel cap is checked from the header, before decoding.
+    `public_only`: URLs must point at the public internet (`read_url`)."""
     if isinstance(source, Image.Image):
         image = source
         width, height = image.size
@@ -244,7 +379,7 @@ def load_image(
                 "Re-export it as PNG/JPEG or drop it."
             ) from err
     else:
-        image = _open_bytes(_source_bytes(source, timeout, max_bytes), source, max_pixels)
+        image = _open_bytes(_source_bytes(source, timeout, max_bytes, public_only), source, max_pixels)
     width, height = image.size
     if width == 0 or height == 0:
         raise ImageLoadError(

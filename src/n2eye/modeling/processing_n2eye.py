@@ -8,6 +8,8 @@ image's patch grid, so variable-size inputs (SigLIP2 NaFlex, tiles) only change 
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
@@ -16,6 +18,58 @@ from .image_io import load_image
 from .tool_calls import normalize_tool_calls, parse_tool_calls
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant trained by Liquid AI. You can see and understand images."
+
+
+# The special tokens a model may write: the end of its turn and tool-call markers. Every other special token (turn
+# and image structure, tool lists and responses, padding, reserved ones) is suppressed when generating.
+GENERATED_SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|tool_call_start|>", "<|tool_call_end|>")
+
+
+def never_generated_token_ids(tokenizer) -> list[int]:
+    """Ids of the special tokens a model must never sample (`<image>`, `<|image_start|>`, `<|im_start|>`, ...):
+    sampled, they would forge structure or make the next forward refuse image tokens without pixels."""
+    return sorted(
+        index
+        for index, token in tokenizer.added_tokens_decoder.items()
+        if token.special and token.content not in GENERATED_SPECIAL_TOKENS
+    )
+
+
+# Chat-format markers an assistant message may carry as text (LFM2-format training data writes its tool calls so).
+ASSISTANT_TEXT_MARKERS = ("<|tool_call_start|>", "<|tool_call_end|>")
+
+
+class ControlTokenError(ValueError):
+    """Message text contains a chat-format control token (`<|im_start|>`, `<image>`, ...).
+
+    The policy, the same in training and serving: message text never carries structure. transformers' default
+    would turn such text into real control tokens, so a user could forge a turn (`<|im_start|>assistant ...`) or an
+    image slot; we refuse it instead, naming the token (a 400 from the server, a counted `control_token` skip in
+    training). The one exception: tool-call markers in an assistant message's text (LFM2-format data)."""
+
+    def __init__(self, where: str, token: str) -> None:
+        super().__init__(
+            f"{where} contains the control token {token!r}, which message text may not carry (it would forge chat "
+            "structure or an image slot). Remove it, or escape it (e.g. '<|im_start|>' -> '< |im_start| >'); "
+            "images go in content items ({'type': 'image', ...}), not as '<image>' in the text."
+        )
+        self.where, self.token = where, token
+
+
+def _strings(value: Any, path: str):
+    """Every string inside a message value (content, items, tool-call arguments), with where it is."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            if key in ("image", "pixel_values") and not isinstance(inner, str):
+                continue
+            if key in ("image", "url", "path", "base64", "image_url") and value.get("type") in ("image", "image_url"):
+                continue  # an image source, not text the template renders
+            yield from _strings(inner, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            yield from _strings(inner, f"{path}[{index}]")
 
 
 class N2EyeProcessorKwargs(ProcessingKwargs, total=False):
@@ -71,7 +125,35 @@ class N2EyeProcessor(ProcessorMixin):
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         conversations = [normalize_tool_calls(list(conv)) for conv in conversations]
+        for conv in conversations:
+            self.check_control_tokens(conv, kwargs.get("tools"))
         return super().apply_chat_template(conversations if batched else conversations[0], chat_template, **kwargs)
+
+    def control_token_pattern(self) -> re.Pattern:
+        """Every special token of the tokenizer (LFM2's, the image tokens, reserved ones), longest first."""
+        if getattr(self, "_control_pattern", None) is None:
+            tokens = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+            tokens |= {self.image_token, self.image_start_token, self.image_end_token}
+            tokens = sorted((t for t in tokens if t), key=len, reverse=True)
+            self._control_pattern = re.compile("|".join(map(re.escape, tokens)))
+        return self._control_pattern
+
+    def check_control_tokens(self, conversation: list, tools: list | None = None) -> None:
+        """Raises `ControlTokenError` when message or tool text carries a control token (see its docstring)."""
+        pattern = self.control_token_pattern()
+        for index, message in enumerate(conversation):
+            if not isinstance(message, dict):
+                continue
+            allowed = ASSISTANT_TEXT_MARKERS if message.get("role") == "assistant" else ()
+            for key, value in message.items():
+                where = f"messages[{index}].{key}"
+                for path, text in _strings(value, where):
+                    for match in pattern.finditer(text):
+                        if not (key == "content" and match.group() in allowed):
+                            raise ControlTokenError(path, match.group())
+        for path, text in _strings(tools or [], "tools"):
+            if match := pattern.search(text):
+                raise ControlTokenError(path, match.group())
 
     @staticmethod
     def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
