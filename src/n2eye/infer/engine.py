@@ -112,7 +112,9 @@ class N2Eye:
             from ..modeling.processing_n2eye import N2EyeProcessor
 
             model = N2EyeForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
-            processor = N2EyeProcessor.from_pretrained(str(path))
+            # its tokenizer and image processor are transformers' classes; the flag only silences the question
+            # their configs' auto_map would ask (any code file there is one of ours, compared above)
+            processor = N2EyeProcessor.from_pretrained(str(path), trust_remote_code=True)
         else:
             model = AutoModelForImageTextToText.from_pretrained(str(path), trust_remote_code=code == "remote",
                                                                 dtype=dtype)  # fmt: skip
