@@ -2,7 +2,9 @@
 
 Labels come from the chat template's `{% generation %}` blocks (assistant answers and their `<|im_end|>`),
 so they can't drift from the rendered text. Truncation counts image tokens and never cuts inside an image
-block; a sample with no supervised token left is skipped (`too_long`), never trained on with zero loss.
+block; a sample with no supervised token left is skipped (`too_long`), never trained on with zero loss. Message
+text carrying a chat control token (`<|im_start|>`, `<image>`, ...), which the processor refuses with a
+`ControlTokenError`, is skipped as `control_token`, its detail naming the token and where it is.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .report import IMAGE_COUNT_MISMATCH, SkipRow
+from .report import CONTROL_TOKEN, IMAGE_COUNT_MISMATCH, SkipRow
 
 TOO_LONG = "too_long"
 IGNORE_INDEX = -100
@@ -38,6 +40,12 @@ def fill_images(messages: list[dict], images: list) -> list[dict]:
     if index != len(images):
         raise SkipRow(IMAGE_COUNT_MISMATCH, f"{index} image items for {len(images)} images")
     return filled
+
+
+def _is_control_token_error(err: BaseException) -> bool:
+    """The processor's `ControlTokenError`, also from a checkpoint's own copy of the processor module (loaded
+    with trust_remote_code, so a different class object than n2eye's)."""
+    return any(cls.__name__ == "ControlTokenError" for cls in type(err).__mro__)
 
 
 def _keep_last_span(mask: list[int]) -> list[int]:
@@ -71,18 +79,24 @@ TRUNCATED_FROM = "truncated_from"  # key of an encoded example that was cut at m
 def encode_conversation(
     processor, conversation: dict[str, Any], max_length: int, last_turn_only: bool = False
 ) -> dict[str, Any]:
-    """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits; a
+    """Tokenizes one Conversation for training. Raises SkipRow(`too_long`) when nothing supervised fits, and
+    SkipRow(`control_token`) when message or tool text carries a chat control token; a
     conversation cut at `max_length` that still has supervised tokens carries its full length under
     TRUNCATED_FROM, so the caller can count and report it (`SkipReport.add_truncated`)."""
     messages = fill_images(conversation["messages"], conversation.get("images") or [])
-    out = processor.apply_chat_template(
-        messages,
-        tools=conversation.get("tools"),
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        return_tensors=None,
-    )
+    try:
+        out = processor.apply_chat_template(
+            messages,
+            tools=conversation.get("tools"),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors=None,
+        )
+    except ValueError as err:
+        if _is_control_token_error(err):  # e.g. "<|im_start|>assistant ..." typed into a user message
+            raise SkipRow(CONTROL_TOKEN, str(err)) from err
+        raise
     ids = list(out["input_ids"][0])
     mask = list(out["assistant_masks"][0])
     if last_turn_only:

@@ -5,6 +5,11 @@ A Conversation is `{"messages": [HF chat messages], "images": [RGB PIL images]}`
 image items matched in order to `images`; assistant content is a string (plus OpenAI `tool_calls`).
 Bad rows are skipped with a reason in a `SkipReport`; only a wrong format (checked before any row is
 read) or a dataset whose every row is bad stops a run.
+
+`<image>` in text is an image placeholder only where a format says so: a LLaVA human turn, and a `messages` user
+turn written as a string in a row whose `images` column holds images (taken in order). Anywhere else it is a control
+token typed into text, and the row is skipped as `control_token` (as the processor does for the other ones); more
+placeholders than images is `image_count_mismatch`, with what to fix.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from n2eye.data.cragmm import (
 )
 from n2eye.data.image_cache import ImageCache, resolve_image
 from n2eye.data.report import (
+    CONTROL_TOKEN,
     EMPTY_TURNS,
     IMAGE_COUNT_MISMATCH,
     IMAGE_MISSING,
@@ -123,6 +129,16 @@ def _split_image_tokens(text: str) -> list[dict[str, Any]]:
     return items
 
 
+def _check_no_image_token(text: str, where: str, why: str) -> None:
+    """Refuses `<image>` where it is no image placeholder (skipped as `control_token`, naming where it is)."""
+    if IMAGE_TOKEN in text:
+        raise SkipRow(
+            CONTROL_TOKEN,
+            f"{where} contains the control token {IMAGE_TOKEN!r}, which is no image placeholder here ({why}). Remove "
+            "it or escape it (e.g. '< image >'); images go in content items ({'type': 'image', ...}).",
+        )
+
+
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -147,13 +163,14 @@ def _inline_image_source(item: Mapping[str, Any]) -> Any:
     return None
 
 
-def _text_only(content: Any, role: str) -> str:
-    """System/assistant content as one string; image items there are not supported."""
+def _text_only(content: Any, role: str, where: str = "") -> str:
+    """System/assistant content as one string; image items there are not supported. `where`: the message's
+    place (`messages[3]`), to name it if the text holds an `<image>`."""
     if content is None:
         return ""
     if isinstance(content, str):
-        return content
-    if isinstance(content, (list, tuple)):
+        text = content
+    elif isinstance(content, (list, tuple)):
         texts = []
         for item in content:
             if isinstance(item, str):
@@ -165,8 +182,11 @@ def _text_only(content: Any, role: str) -> str:
             if item.get("type") != "text" or not isinstance(item.get("text", ""), str):
                 raise SkipRow(MALFORMED_ROW, f"{role} messages may only hold text, got a {item.get('type')!r} item")
             texts.append(item.get("text", ""))
-        return "".join(texts)
-    raise SkipRow(MALFORMED_ROW, f"{role} content is a {type(content).__name__}")
+        text = "".join(texts)
+    else:
+        raise SkipRow(MALFORMED_ROW, f"{role} content is a {type(content).__name__}")
+    _check_no_image_token(text, f"{where or role}.content", f"a {role} message; only user text holds images")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ messages
@@ -192,12 +212,17 @@ def messages_to_conversation(
     next_column = 0
     sources: list[Any] = []
 
-    def take_column_image() -> Any:
+    def take_column_image(index: int, placeholder: bool) -> Any:
+        """The next image of the `images` column, for an `<image>` in user text or an image item with no source."""
         nonlocal next_column
         if next_column >= len(column_images):
+            what = "'<image>' placeholders in its user text" if placeholder else "image items without a source"
             raise SkipRow(
                 IMAGE_COUNT_MISMATCH,
-                f"more image items than entries in the images column ({len(column_images)})",
+                f"the row has more {what} (at message {index}) than images in its `images` column "
+                f"({len(column_images)}): each '<image>' in user text and each {{'type': 'image'}} item without "
+                "a source takes the next image of that column. Add the missing image(s) to `images`, or remove "
+                "the extra placeholder(s).",
             )
         next_column += 1
         return column_images[next_column - 1]
@@ -213,14 +238,19 @@ def messages_to_conversation(
         content = message.get("content")
         if role == "user":
             if isinstance(content, str):
+                if not column_images:  # `<image>` is a placeholder only for images in an `images` column
+                    _check_no_image_token(content, f"messages[{index}].content", "the row has no `images` column "
+                                          "entries for it to stand for")  # fmt: skip
                 items = _split_image_tokens(content)
                 for item in items:
                     if item["type"] == "image":
-                        sources.append(take_column_image())
+                        sources.append(take_column_image(index, placeholder=True))
             elif isinstance(content, (list, tuple)):
                 items = []
-                for item in content:
+                for position, item in enumerate(content):
                     if isinstance(item, str):
+                        _check_no_image_token(item, f"messages[{index}].content[{position}]", "a text item; images "
+                                              "are separate {'type': 'image'} items")  # fmt: skip
                         items.append({"type": "text", "text": item})
                         continue
                     if not isinstance(item, Mapping):
@@ -230,10 +260,12 @@ def messages_to_conversation(
                     if kind == "text":
                         if not isinstance(item.get("text", ""), str):
                             raise SkipRow(MALFORMED_ROW, f"message {index} has a text item without string text")
+                        _check_no_image_token(item.get("text", ""), f"messages[{index}].content[{position}].text",
+                                              "a text item; images are separate {'type': 'image'} items")  # fmt: skip
                         items.append({"type": "text", "text": item.get("text", "")})
                     elif kind in ("image", "image_url"):
                         source = _inline_image_source(item)
-                        sources.append(source if source is not None else take_column_image())
+                        sources.append(source if source is not None else take_column_image(index, placeholder=False))
                         items.append({"type": "image"})
                     else:
                         raise SkipRow(MALFORMED_ROW, f"message {index} has an unsupported content type {kind!r}")
@@ -243,9 +275,9 @@ def messages_to_conversation(
                 raise SkipRow(MALFORMED_ROW, f"message {index} (user) is empty")
             messages.append({"role": "user", "content": items})
         elif role == "system":
-            messages.append({"role": "system", "content": _text_only(content, role)})
+            messages.append({"role": "system", "content": _text_only(content, role, f"messages[{index}]")})
         elif role == "assistant":
-            out: dict[str, Any] = {"role": "assistant", "content": _text_only(content, role)}
+            out: dict[str, Any] = {"role": "assistant", "content": _text_only(content, role, f"messages[{index}]")}
             tool_calls = _maybe_json(message.get("tool_calls"), f"message {index} tool_calls")
             if tool_calls:
                 if not isinstance(tool_calls, (list, tuple)):
@@ -265,7 +297,9 @@ def messages_to_conversation(
     if next_column != len(column_images):
         raise SkipRow(
             IMAGE_COUNT_MISMATCH,
-            f"{len(column_images)} entries in the images column but {next_column} image items use them",
+            f"{len(column_images)} entries in the `images` column but only {next_column} placeholder(s) use them "
+            "('<image>' in user text, or {'type': 'image'} items without a source): add a placeholder where each "
+            "image goes, or remove the unused images.",
         )
     if require_assistant and not any(m["role"] == "assistant" for m in messages):
         raise SkipRow(NO_ASSISTANT_TURN, "no assistant message to learn from")
@@ -319,8 +353,9 @@ def llava_to_conversation(
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise SkipRow(MALFORMED_ROW, f"turn {index} has no string value")
-        if role != "user" and IMAGE_TOKEN in value:
-            raise SkipRow(MALFORMED_ROW, f"turn {index} ({speaker}) holds an <image> token")
+        if role != "user":
+            _check_no_image_token(value, f"conversations[{index}].value", f"a {speaker} turn; only human turns "
+                                  "hold image placeholders")  # fmt: skip
         parsed.append((role, value))
     tokens = sum(value.count(IMAGE_TOKEN) for role, value in parsed if role == "user")
     if tokens == 0 and images:
@@ -330,9 +365,19 @@ def llava_to_conversation(
         parsed[first_user] = ("user", IMAGE_TOKEN * len(images) + "\n" + parsed[first_user][1])
         tokens = len(images)
     if tokens and not images:
-        raise SkipRow(IMAGE_MISSING, f"{tokens} <image> token(s) but the row names no image")
+        raise SkipRow(
+            IMAGE_MISSING,
+            f"{tokens} '<image>' placeholder(s) in the human turns but the row names no image: set its `image`, "
+            "or remove the '<image>' text",
+        )
     if tokens != len(images):
-        raise SkipRow(IMAGE_COUNT_MISMATCH, f"{tokens} <image> token(s) for {len(images)} image(s)")
+        raise SkipRow(
+            IMAGE_COUNT_MISMATCH,
+            f"{tokens} '<image>' placeholder(s) in the human turns for {len(images)} image(s) in `image`: each "
+            "'<image>' marks where the next image goes, so the counts must match. "
+            + ("Remove the extra '<image>' text, or list the missing images." if tokens > len(images)
+               else "Put an '<image>' where each image goes, or remove the unused images."),
+        )  # fmt: skip
     messages: list[dict[str, Any]] = []
     for role, value in parsed:
         if role == "user":
@@ -483,6 +528,7 @@ def _row_id(row: Any, index: int) -> Any:
 
 def _generate(dataset: Any, adapter: ConversationAdapter, report: SkipReport, check_all_bad: bool) -> Iterator[Conversation]:
     total = 0
+    skipped_before = report.skipped  # e.g. malformed JSON lines, counted when the file was read
     for index, row in enumerate(dataset):
         total += 1
         try:
@@ -501,7 +547,7 @@ def _generate(dataset: Any, adapter: ConversationAdapter, report: SkipReport, ch
     if report.skipped:
         logger.warning("data: %s", report.summary())
     if check_all_bad:
-        report.raise_if_all_bad(total)
+        report.raise_if_all_bad(total, skipped=report.skipped - skipped_before)
 
 
 def iter_conversations(
@@ -551,9 +597,14 @@ def load_conversations(
 ) -> Iterator[Conversation]:
     """`load_source(spec)` + `iter_conversations`, with relative image paths resolved against SPEC's folder.
 
-    `options` go to `iter_conversations` (report, image_root, image_cache, eval_resize, ...).
+    `options` go to `iter_conversations` (report, image_root, image_cache, eval_resize, ...). A JSON Lines file's
+    malformed lines are counted in the report too (`malformed_json_line`, row `FILE:LINE`).
     """
-    dataset = load_source(spec, split=split, streaming=streaming, revision=revision, cache_dir=cache_dir)
+    if options.get("report") is None:
+        options["report"] = SkipReport()
+    dataset = load_source(
+        spec, split=split, streaming=streaming, revision=revision, cache_dir=cache_dir, report=options["report"]
+    )
     options.setdefault("base_dir", spec_base_dir(spec))
     return iter_conversations(dataset, format, **options)
 

@@ -20,6 +20,11 @@ ANSWER_WITHOUT_TURN = "answer_without_turn"
 TURN_WITHOUT_ANSWER = "turn_without_answer"
 NO_ASSISTANT_TURN = "no_assistant_turn"
 MALFORMED_ROW = "malformed_row"
+# A line of a JSON Lines file that is not one JSON object; its example's row is `FILE:LINE`.
+MALFORMED_JSON_LINE = "malformed_json_line"
+# Message text carrying a chat-format control token (`<|im_start|>`, `<image>` where the format has no image
+# placeholder, ...); the detail names the token and where it is (the processor's `ControlTokenError` message).
+CONTROL_TOKEN = "control_token"
 
 
 class SkipRow(ValueError):
@@ -33,6 +38,9 @@ class SkipRow(ValueError):
 
 class NoUsableRowsError(ValueError):
     """Every row of a dataset was skipped: almost always the wrong format, image folder or split."""
+
+
+MAX_DETAIL = 500  # characters of an example's detail kept (a ControlTokenError message is ~300)
 
 
 class SkipReport:
@@ -53,7 +61,7 @@ class SkipReport:
         self.counts[reason] += 1
         examples = self.examples.setdefault(reason, [])
         if len(examples) < self.max_examples:
-            examples.append({"row": str(row_id), "detail": detail[:300]})
+            examples.append({"row": str(row_id), "detail": detail[:MAX_DETAIL]})
 
     def add_kept(self, n: int = 1) -> None:
         self.kept += n
@@ -62,7 +70,7 @@ class SkipReport:
         """Count one kept row that was cut at the length limit (its later tokens are lost to training)."""
         self.truncated += 1
         if len(self.truncated_examples) < self.max_examples:
-            self.truncated_examples.append({"row": str(row_id), "detail": detail[:300]})
+            self.truncated_examples.append({"row": str(row_id), "detail": detail[:MAX_DETAIL]})
 
     @property
     def skipped(self) -> int:
@@ -120,9 +128,12 @@ class SkipReport:
             "examples": {reason: list(examples) for reason, examples in self.examples.items()},
         }
 
-    def raise_if_all_bad(self, total: int) -> None:
-        """Raises `NoUsableRowsError` when `total` rows were seen and every one was skipped."""
-        if total <= 0 or self.skipped < total:
+    def raise_if_all_bad(self, total: int, skipped: int | None = None) -> None:
+        """Raises `NoUsableRowsError` when `total` rows were seen and every one was skipped. `skipped`: how many of
+        those `total` were skipped (default: all this report counts; pass it when the report also holds skips from
+        elsewhere, e.g. malformed lines counted before the rows were read)."""
+        skipped = self.skipped if skipped is None else skipped
+        if total <= 0 or skipped < total:
             return
         expected = self.format_description or "a supported format"
         columns = ", ".join(self.columns) if self.columns else "(unknown)"
