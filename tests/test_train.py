@@ -353,6 +353,22 @@ def test_streaming_training_encodes_on_the_fly(tiny_checkpoint, tmp_path):
         run_train(tiny_checkpoint, data, tmp_path / "run2", streaming=True, max_steps=-1)
 
 
+def test_streaming_source_shorter_than_one_step_still_trains(tiny_checkpoint, tmp_path):
+    """4 rows, batch 2, gradient accumulation 4: one pass is half an optimizer step. The Trainer used to begin
+    epoch after epoch without ever stepping (a run that never ended); the stream now starts over by itself."""
+    import threading
+
+    data = write_messages_dataset(tmp_path / "d", n=4)
+    done: list = []
+    worker = threading.Thread(target=lambda: done.append(run_train(tiny_checkpoint, data, tmp_path / "run",
+                              streaming=True, max_steps=2, batch_size=2, grad_accum=4)), daemon=True)  # fmt: skip
+    worker.start()
+    worker.join(timeout=240)
+    assert done and (done[0] / "model.safetensors").exists(), "streaming training did not finish"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2
+
+
 def test_n2eye_merge_equals_train_merge(tiny_checkpoint, dataset, tmp_path):
     run_train(tiny_checkpoint, dataset, tmp_path / "lora", max_steps=2, train="lora", lora_r=4, merge=True)
     result = subprocess.run(

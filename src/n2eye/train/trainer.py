@@ -71,12 +71,23 @@ def encode_dataset(
 
 class StreamingExamples(torch.utils.data.IterableDataset):
     """Encodes conversations on the fly from a streaming source, for datasets too large to hold in memory.
-    Bad rows and samples that can't fit are skipped and counted as they come."""
+    Bad rows and samples that can't fit are skipped and counted as they come. The stream starts over at its end
+    (the run stops at --max-steps): a source shorter than one optimizer step's batches made the Trainer begin
+    epoch after epoch without ever stepping."""
 
     def __init__(self, processor, cfg: TrainConfig, report: SkipReport, feature_cache=None):
         self.processor, self.cfg, self.report, self.feature_cache = processor, cfg, report, feature_cache
 
     def __iter__(self):
+        while True:
+            produced = 0
+            for example in self._one_pass():
+                produced += 1
+                yield example
+            if not produced:
+                raise ValueError(f"No usable training sample in {self.cfg.data}: {self.report.summary()}")
+
+    def _one_pass(self):
         from ..data.formats import load_many
 
         conversations = load_many(self.cfg.data, self.cfg.format, streaming=True, report=self.report, check_all_bad=False)
