@@ -242,7 +242,8 @@ class N2Eye:
                     "text": text,
                     "prompt_tokens": int(n_prompt),
                     "completion_tokens": len(generated),
-                    "finish_reason": "stop" if stopped or ended or len(generated) < options["max_new_tokens"] else "length",
+                    "finish_reason": "length" if not (stopped or ended) and len(generated) >= options["max_new_tokens"]
+                    else "stop",
                 }
             )
         return results
@@ -450,7 +451,9 @@ def checkpoint_code(path: str | Path, trust_remote_code: bool = False) -> str:
     code = sorted({*(p.name for p in folder.glob("*.py")), *MODELING_FILES})
     differing = []
     for name in code:
-        theirs = folder / name if (folder / name).exists() else cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
+        theirs = folder / name
+        if not theirs.exists():
+            theirs = cached_file(str(path), name, _raise_exceptions_for_missing_entries=False)
         if theirs is None or not (ours / name).exists() or not filecmp.cmp(theirs, ours / name, shallow=False):
             differing.append(name)
     if not differing:

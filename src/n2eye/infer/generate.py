@@ -71,7 +71,8 @@ def generate(cfg: GenerateConfig) -> str | list[dict]:
                "repetition_penalty": cfg.repetition_penalty}  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.prompt is not None:
-        return load(cfg.model, trust_remote_code=cfg.trust_remote_code).chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
+        engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        return engine.chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
     lines = [line for line in Path(cfg.requests).read_text().splitlines() if line.strip()]
     requests = []
     for number, line in enumerate(lines, 1):

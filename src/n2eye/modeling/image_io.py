@@ -181,7 +181,9 @@ def _check_length(url: str, length: str | None, max_bytes: int) -> None:
         )
 
 
-def read_url(url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES, public_only: bool = False) -> bytes:
+def read_url(
+    url: str, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_IMAGE_BYTES, public_only: bool = False
+) -> bytes:
     """The bytes at an http(s) URL, capped at `max_bytes`. `public_only` (what a server facing strangers needs):
     only public addresses, checked at every redirect and pinned against DNS rebinding; otherwise urllib as usual
     (proxies honoured, a user's own network allowed)."""
