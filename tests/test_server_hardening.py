@@ -92,9 +92,9 @@ def test_a_generation_failure_ends_the_stream_with_an_error_and_done(server, eng
 
     before = stream_threads()
     monkeypatch.setattr(engine.model, "generate", broken)
-    t0 = time.perf_counter()
+    # a hung stream would time the client out (raw_post's 30 s) instead of ending
     status, payload = raw_post(server, json.dumps({"messages": HELLO, "stream": True, "max_tokens": 4}).encode())
-    assert time.perf_counter() - t0 < 20 and status == 200
+    assert status == 200
     got = events(payload)
     assert any(isinstance(e, dict) and e.get("error", {}).get("code") == "generation_failed" for e in got)
     assert got[-1] == "[DONE]"

@@ -23,13 +23,13 @@ from transformers import (
 )
 
 from .checkpoint import check_writable, default_generation_config, save_checkpoint
-from .fixtures.tokenizer import LFM2_SPECIAL_TOKENS
 from .modeling.configuration_n2eye import (
     SUPPORTED_PROJECTOR_TYPES,
     SUPPORTED_TEXT_MODEL_TYPES,
     SUPPORTED_VISION_MODEL_TYPES,
     N2EyeConfig,
 )
+from .modeling.processing_n2eye import LFM2_SPECIAL_TOKENS
 from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from .modeling.processing_n2eye import N2EyeProcessor
 from .presets import get_preset, load_bundled_json

@@ -20,6 +20,25 @@ from .tool_calls import normalize_tool_calls, parse_tool_calls
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant trained by Liquid AI. You can see and understand images."
 
 
+# The special tokens of the real LFM2 tokenizer, in id order starting at 0 (the chat format's markers; the image
+# tokens `<image>`, `<|image_start|>`, `<|image_end|>` are added by `n2eye build`).
+LFM2_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|pad|>",
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|fim_pre|>",
+    "<|fim_mid|>",
+    "<|fim_suf|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|tool_list_start|>",
+    "<|tool_list_end|>",
+    "<|tool_call_start|>",
+    "<|tool_call_end|>",
+    "<|tool_response_start|>",
+    "<|tool_response_end|>",
+)
+
 # The special tokens a model may write: the end of its turn and tool-call markers. Every other special token (turn
 # and image structure, tool lists and responses, padding, reserved ones) is suppressed when generating.
 GENERATED_SPECIAL_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|tool_call_start|>", "<|tool_call_end|>")
