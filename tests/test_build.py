@@ -42,6 +42,7 @@ def test_build_from_local_backbones_adds_tokens_and_keeps_weights(tmp_path, n2ey
     assert summary["parameters"]["total"] == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_naflex_checkpoint_generates_through_transformers_and_says_what_our_engine_lacks(tmp_path, n2eye_cache):
     """A SigLIP2 NaFlex encoder builds and runs through plain transformers (the processor's whole output); our
     engine and trainer don't pass its spatial_shapes yet, and say so instead of failing inside SigLIP2."""
@@ -117,6 +118,7 @@ def expected_n2eye_1_3b_parameters() -> dict[str, int]:
             "total": lm_params + vision_params + projector}  # fmt: skip
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_n2eye_1_3b_random_init_shapes_and_generates(tmp_path):
     expected = expected_n2eye_1_3b_parameters()
     assert expected["language_model"] == LFM2_1_2B_PARAMS

@@ -9,7 +9,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_readme_quick_demo_learns_colour_and_count_from_the_images(tmp_path):
     """The README's `n2eye demo --quick` command as written: colour and counting at its bar of 80% (95-100% and
     93-96% measured at seeds 0-2 on an Intel Xeon; chance 25% and 22%), and both back near chance when the same

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import re
 import subprocess
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_two_process_gloo_equals_single_process(tiny_checkpoint, tmp_path):
     common = ["train", "--model", str(tiny_checkpoint), "--data", str(ROOT / "examples" / "colours" / "train.jsonl"),
               "--max-steps", "4", "--grad-accum", "1", "--lr", "1e-3", "--no-bf16", "--no-gradient-checkpointing",

@@ -106,6 +106,7 @@ def test_greedy_decode_equals_generate_and_int8_stays_close(tiny_checkpoint):
     assert (q - full).abs().max() < 0.05 * full.abs().max()
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_readme_bench_command_writes_records_table_and_chart(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = re.search(r"<!-- bench-command -->\s*```\w+\n(.*?)```", readme, re.S).group(1).strip()
@@ -312,6 +313,7 @@ def _run_benchmark_script(name: str, tmp_path: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_decode_pieces_benchmark_runs_as_documented(tmp_path):
     """`python benchmarks/decode_pieces.py`: every piece timed, the exact fused conv's greedy tokens as PyTorch's."""
     result = _run_benchmark_script("decode_pieces", tmp_path)
@@ -320,6 +322,7 @@ def test_decode_pieces_benchmark_runs_as_documented(tmp_path):
     assert result["pytorch_kernels_speedup"] == 1.0 and result["fused_short_conv_same_tokens"] is True
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_compile_decode_benchmark_runs_as_documented(tmp_path):
     """`python benchmarks/compile_decode.py` (its two compiles take ~50 s each on the tiny preset); transformers'
     StaticCache in our loop decodes the same greedy tokens as the dynamic cache."""
@@ -345,6 +348,7 @@ def test_gpu_wheel_list_pins_what_training_needs_and_leaves_torch_to_the_gpu_ima
     assert not [name for name in pinned if name.startswith("nvidia")]
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_fetch_wheels_downloads_one_python_312_wheel_per_pinned_package(tmp_path):
     """`bash benchmarks/gpu/fetch_wheels.sh` (benchmarks/README): everything it lists, small enough to travel."""
     root = Path(__file__).resolve().parents[1]

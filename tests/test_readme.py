@@ -3,6 +3,8 @@ scale-out commands and the Python examples (here)."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import re
 import shlex
@@ -23,14 +25,14 @@ def block_after(marker: str) -> str:
 
 def test_ci_runs_the_readme_first_command_then_the_test_command():
     """CI (.ci/run) runs the README's first command as written (a fresh venv, the core install, the demo), then the
-    test command (the [dev] extra, pytest)."""
+    test command (the [dev] extra, pytest), then the slow tier."""
     main, tests = block_after("main-command"), block_after("test-command")
     assert main.startswith("python3 -m venv .venv && . .venv/bin/activate && ")
     assert "pip install torch==2.13.0 -e . &&" in main and main.endswith("n2eye demo --out n2eye-demo")
     assert "pytest" in tests and "torch==2.13.0" in tests and '".[dev]"' in tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert "main-command" in ci and "test-command" in ci and "n2eye-demo/result.json" in ci
-    assert ci.index('bash -c "$main"') < ci.index('bash -c "$tests"')
+    assert ci.index('bash -c "$main"') < ci.index('bash -c "$tests"') < ci.index("pytest -m slow")
 
 
 def test_the_demo_names_the_readme_serve_command_as_its_next_step(monkeypatch, tmp_path):
@@ -56,6 +58,7 @@ def test_accelerate_configs_parse():
         assert config["distributed_type"] in ("FSDP", "DEEPSPEED") and config["num_machines"] == 1
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_every_readme_command_and_python_example(tmp_path):
     steps = [block_after("build-command"), block_after("generate-image-command")]
     (tmp_path / "docs").mkdir()

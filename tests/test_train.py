@@ -402,6 +402,7 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_checkpoint):
     assert not vision_ids & {id(p) for p in groups[0]["params"]}
 
 
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_train_step_benchmark_runs_as_documented(tmp_path):
     """benchmarks/README's `python benchmarks/train_step.py`, shortened: all three variants timed under both
     allocator settings, JSON written."""
