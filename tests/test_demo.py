@@ -112,7 +112,7 @@ def test_every_demo_conversation_fits_the_packed_rows_whole(tmp_path):
     from n2eye.data.synthetic import write_demo_dataset
     from n2eye.demo import FULL, IMAGE_SIZE, QUICK, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
-    from n2eye.train.trainer import encode_dataset
+    from n2eye.data.examples import encode_dataset
 
     written = write_demo_dataset(tmp_path / "data", 400, 10, seed=3, size=IMAGE_SIZE)
     _, processor = demo_model(train_tiny_tokenizer(tmp_path / "tok"), 0)

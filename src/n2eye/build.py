@@ -22,6 +22,7 @@ from transformers import (
     SiglipImageProcessor,
 )
 
+from .cache import cache_root
 from .checkpoint import check_writable, default_generation_config, save_checkpoint
 from .modeling.configuration_n2eye import (
     SUPPORTED_PROJECTOR_TYPES,
@@ -81,8 +82,8 @@ class BuildConfig:
 
 
 def cache_dir() -> Path:
-    """Where generated fixtures live between runs (override with N2EYE_CACHE)."""
-    return Path(os.environ.get("N2EYE_CACHE", Path.home() / ".cache" / "n2eye"))
+    """Where generated fixtures live between runs (override with N2EYE_CACHE): the one cache root."""
+    return cache_root()
 
 
 def add_special_tokens(tokenizer) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..modeling.image_io import image_item_source, is_image_item
 from .report import CONTROL_TOKEN, IMAGE_COUNT_MISMATCH, SkipRow
 
 TOO_LONG = "too_long"
@@ -27,9 +28,7 @@ def fill_images(messages: list[dict], images: list) -> list[dict]:
         if isinstance(content, list):
             items = []
             for item in content:
-                if isinstance(item, dict) and item.get("type") == "image" and not any(
-                    k in item for k in ("image", "url", "path", "base64")
-                ):
+                if is_image_item(item) and image_item_source(item) is None:
                     if index >= len(images):
                         raise SkipRow(IMAGE_COUNT_MISMATCH, f"more image items than the {len(images)} images")
                     item = {"type": "image", "image": images[index]}

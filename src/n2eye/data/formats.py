@@ -44,6 +44,7 @@ from n2eye.data.report import (
     SkipRow,
 )
 from n2eye.data.sources import column_names, load_source, spec_base_dir
+from n2eye.modeling.image_io import image_item_source
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +152,7 @@ def _as_list(value: Any) -> list[Any]:
 
 def _inline_image_source(item: Mapping[str, Any]) -> Any:
     """Where an image content item says its image is (None when it relies on the `images` column)."""
-    if item.get("type") == "image_url":
-        value = item.get("image_url")
-        if isinstance(value, Mapping):
-            value = value.get("url")
-        return value or item.get("url")
-    for key in ("image", "url", "path"):
-        value = item.get(key)
-        if value is not None and not (isinstance(value, str) and value == ""):
-            return value
-    return None
+    return image_item_source(dict(item))
 
 
 def _text_only(content: Any, role: str, where: str = "") -> str:

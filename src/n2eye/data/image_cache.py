@@ -29,9 +29,10 @@ class ImageFetchError(ImageLoadError):
 
 
 def default_cache_dir() -> Path:
-    """`$N2EYE_CACHE/images`, else `~/.cache/n2eye/images` (same root as the other n2eye caches)."""
-    root = os.environ.get("N2EYE_CACHE") or str(Path.home() / ".cache" / "n2eye")
-    return Path(root) / "images"
+    """`$N2EYE_CACHE/images`, else `~/.cache/n2eye/images` (the one cache root, `n2eye.cache`)."""
+    from n2eye.cache import cache_root
+
+    return cache_root() / "images"
 
 
 def is_url(source: Any) -> bool:

@@ -355,7 +355,9 @@ class ChatSession:
         self.messages.append({"role": "user", "content": content})
         full = self._render(add_generation_prompt=True)
         items = content if isinstance(content, list) else []
-        new_images = [i for i in items if isinstance(i, dict) and i.get("type") in ("image", "image_url")]
+        from ..modeling.image_io import is_image_item
+
+        new_images = [i for i in items if is_image_item(i)]
         if self.ids is None or not full.startswith(self.prefix_text):
             self.reset_cache()
             encoded = engine.processor.apply_chat_template(
@@ -400,13 +402,12 @@ class ChatSession:
 
     @staticmethod
     def _image_source(item: dict) -> Any:
-        if item.get("type") == "image_url":
-            url = item.get("image_url")
-            return url.get("url") if isinstance(url, dict) else url
-        for key in ("image", "url", "path", "base64"):
-            if key in item:
-                return item[key]
-        raise ValueError("An image item needs one of: image, url, path, base64 (or an OpenAI image_url).")
+        from ..modeling.image_io import image_item_source
+
+        source = image_item_source(item)
+        if source is None:
+            raise ValueError("An image item needs one of: image, url, path, base64 (or an OpenAI image_url).")
+        return source
 
 
 def load(

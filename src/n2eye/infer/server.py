@@ -143,6 +143,8 @@ def check_tools(tools: Any) -> list[dict] | None:
 
 def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
     """OpenAI chat messages -> HF chat messages with loaded images; returns them and the image count."""
+    from ..modeling.image_io import image_item_source, is_image_item
+
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list.", param="messages")
     out, n_images = [], 0
@@ -160,9 +162,8 @@ def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
                         raise APIError(400, f"messages[{index}] has a text item whose text is not a string.",
                                        param="messages")  # fmt: skip
                     items.append({"type": "text", "text": item.get("text", "")})
-                elif kind in ("image_url", "image"):
-                    raw = item.get("image_url") if kind == "image_url" else item.get("url") or item.get("image")
-                    url = raw.get("url") if isinstance(raw, dict) else raw
+                elif is_image_item(item):
+                    url = image_item_source(item)
                     if not isinstance(url, str) or not url:
                         raise APIError(400, f"messages[{index}] has an image item without a URL.", param="messages")
                     n_images += 1

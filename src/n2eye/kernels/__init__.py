@@ -48,7 +48,7 @@ def gemv():
     import torch
     from torch.utils.cpp_extension import load
 
-    from ..build import cache_dir
+    from ..cache import cache_root as cache_dir
 
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode())
     build_dir = cache_dir() / "kernels" / key.hexdigest()[:16]

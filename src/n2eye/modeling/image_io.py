@@ -42,6 +42,31 @@ class ImageLoadError(ValueError):
     """An image could not be read; the message says which one and what to do."""
 
 
+IMAGE_ITEM_TYPES = ("image", "image_url")
+IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+
+def is_image_item(item) -> bool:
+    """A chat content item that stands for an image (HF's `{"type": "image"}`, OpenAI's `{"type": "image_url"}`)."""
+    return isinstance(item, dict) and item.get("type") in IMAGE_ITEM_TYPES
+
+
+def image_item_source(item: dict):
+    """Where an image content item says its image is: OpenAI's `image_url` (`{"url": ...}` or a bare string) or
+    HF's `image` / `url` / `path` / `base64` keys; None for a bare placeholder (`{"type": "image"}`, filled from a
+    row's images). The one reading of an image item, for the collator, the engine, the server and the adapters."""
+    if item.get("type") == "image_url":
+        value = item.get("image_url")
+        value = value.get("url") if isinstance(value, dict) else value
+        if value is not None and value != "":
+            return value
+    for key in IMAGE_SOURCE_KEYS:
+        value = item.get(key)
+        if value is not None and not (isinstance(value, str) and value == ""):
+            return value
+    return None
+
+
 def _describe(source) -> str:
     if isinstance(source, Image.Image):
         return f"<PIL {source.mode} image {source.size[0]}x{source.size[1]}>"

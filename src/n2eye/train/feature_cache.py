@@ -79,6 +79,11 @@ class VisionFeatureCache:
                 os.replace(tmp, path)
         return keys
 
+    @staticmethod
+    def keys(pixel_values: torch.Tensor) -> list[str]:
+        """The cache keys of these images (their preprocessed pixels)."""
+        return [pixel_key(p) for p in pixel_values]
+
     def load(self, keys: list[str]) -> list[torch.Tensor]:
         return [load_file(str(self._path(k)))["grid"] for k in keys]
 

@@ -1,7 +1,8 @@
 """`n2eye train`: HF Trainer configured for N2-Eye, with atomic loadable checkpoints, metrics and a loss curve.
 
-One loop for every mode (projector / full / LoRA, optional vision training). Data: any SPEC the adapters read;
-bad rows and samples that can't fit are skipped, counted and reported, never fatal.
+One loop for every mode (projector / full / LoRA, optional vision training). Data: any SPEC the adapters read,
+prepared by `data.examples.prepare_datasets` (bad rows and samples that can't fit skipped, counted and reported,
+never fatal).
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
-from ..data.collate import TRUNCATED_FROM, Collator, encode_conversation
-from ..data.packing import PackedCollator, conv_gap, pack_examples
-from ..data.report import SkipReport, SkipRow
+from ..data.examples import prepare_datasets
+from ..data.report import SkipReport
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.processing_n2eye import N2EyeProcessor
 from .config import LR_SCHEDULES, TrainConfig
@@ -28,103 +28,6 @@ from .cpu_allocator import keep_freed_memory
 from .modes import configure_trainable, count_trainable, merge_lora, parameter_groups
 
 STAGING = ".staging"
-
-
-def _row_of(conversation: dict):
-    """The source row's session id, id or index (set by the format adapters' reader), for skip reports."""
-    return (conversation.get("metadata") or {}).get("row")
-
-
-def _count_truncation(example: dict, conversation: dict, max_length: int, report: SkipReport) -> None:
-    full = example.pop(TRUNCATED_FROM, None)
-    if full is not None:
-        row = _row_of(conversation)
-        report.add_truncated(row, f"{full} tokens with images; --max-length is {max_length}")
-
-
-def encode_dataset(
-    processor, spec: str, fmt: str, max_length: int, last_turn_only: bool, max_samples: int, report: SkipReport
-) -> list[dict]:
-    """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted)."""
-    from tqdm.auto import tqdm
-
-    from ..data.formats import load_many
-
-    examples = []
-    stream = load_many(spec, fmt, report=report)
-    for conversation in tqdm(stream, desc=f"encoding {spec}", unit="conv"):
-        try:
-            example = encode_conversation(processor, conversation, max_length, last_turn_only)
-        except SkipRow as skip:
-            report.add_kept(-1)  # the adapter counted it as kept; tokenization skipped it
-            report.add(skip.reason, _row_of(conversation), skip.detail)
-            continue
-        _count_truncation(example, conversation, max_length, report)
-        examples.append(example)
-        if max_samples and len(examples) >= max_samples:
-            break
-    stream.close()
-    if not examples:
-        raise ValueError(f"No usable training sample in {spec}: {report.summary()}")
-    return examples
-
-
-class StreamingExamples(torch.utils.data.IterableDataset):
-    """Encodes conversations on the fly from a streaming source, for datasets too large to hold in memory.
-    Bad rows and samples that can't fit are skipped and counted as they come. The stream starts over at its end
-    (the run stops at --max-steps): a source shorter than one optimizer step's batches made the Trainer begin
-    epoch after epoch without ever stepping."""
-
-    def __init__(self, processor, cfg: TrainConfig, report: SkipReport, feature_cache=None):
-        self.processor, self.cfg, self.report, self.feature_cache = processor, cfg, report, feature_cache
-
-    def __iter__(self):
-        while True:
-            produced = 0
-            for example in self._one_pass():
-                produced += 1
-                yield example
-            if not produced:
-                raise ValueError(f"No usable training sample in {self.cfg.data}: {self.report.summary()}")
-
-    def _one_pass(self):
-        from ..data.formats import load_many
-
-        conversations = load_many(self.cfg.data, self.cfg.format, streaming=True, report=self.report, check_all_bad=False)
-        for conversation in conversations:
-            try:
-                example = encode_conversation(self.processor, conversation, self.cfg.max_length, self.cfg.last_turn_only)
-            except SkipRow as skip:
-                self.report.add_kept(-1)
-                self.report.add(skip.reason, _row_of(conversation), skip.detail)
-                continue
-            _count_truncation(example, conversation, self.cfg.max_length, self.report)
-            if self.feature_cache is not None and example.get("pixel_values") is not None:
-                example["vision_features"] = self.feature_cache.grids(example.pop("pixel_values"))
-            yield example
-
-
-def attach_cached_features(cache, examples: list[dict], state) -> None:
-    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new). `state`: the
-    run's accelerate PartialState; under data parallel each process computes its share of the new images, then
-    all read the whole set."""
-    from tqdm.auto import tqdm
-
-    from .feature_cache import pixel_key
-
-    keys: dict[int, list[str]] = {}  # id(example) -> its images' keys, for the examples this process filled
-    with state.split_between_processes(examples) as share:
-        for example in tqdm(share, desc="vision feature cache", unit="conv"):
-            pixels = example.get("pixel_values")
-            if pixels is not None and len(pixels):
-                keys[id(example)] = cache.fill(pixels)
-    state.wait_for_everyone()  # every process's share is on disk now
-    for example in examples:
-        pixels = example.pop("pixel_values", None)
-        if pixels is not None and len(pixels):
-            example["vision_features"] = cache.load(keys.get(id(example)) or [pixel_key(p) for p in pixels])
-    where = f" (process {state.process_index} of {state.num_processes}, its share)" if state.num_processes > 1 else ""
-    print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed{where}")
 
 
 class MetricsCallback(TrainerCallback):
@@ -226,6 +129,18 @@ def uses_bf16(cfg: TrainConfig) -> bool:
     return cfg.bf16 and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported())
 
 
+def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = None):
+    """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off.
+    `device`: this process's (a GPU under torchrun / accelerate), where the Trainer will put the model anyway."""
+    if not cfg.feature_cache or cfg.train_vision:
+        return None
+    from ..cache import cache_root
+    from .feature_cache import VisionFeatureCache
+
+    return VisionFeatureCache(model, cfg.feature_cache_dir or cache_root() / "features", bf16=uses_bf16(cfg),
+                              device=device)  # fmt: skip
+
+
 def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     report_to = [] if cfg.report_to in ("", "none") else cfg.report_to.split(",")
     use_bf16 = uses_bf16(cfg)
@@ -266,47 +181,6 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     )
 
 
-def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = None):
-    """The frozen-vision feature cache for this run, or None when the vision tower trains or the cache is off.
-    `device`: this process's (a GPU under torchrun / accelerate), where the Trainer will put the model anyway."""
-    if not cfg.feature_cache or cfg.train_vision:
-        return None
-    from ..build import cache_dir as default_cache_dir
-    from .feature_cache import VisionFeatureCache
-
-    return VisionFeatureCache(model, cfg.feature_cache_dir or default_cache_dir() / "features", bf16=uses_bf16(cfg),
-                              device=device)  # fmt: skip
-
-
-def prepare_datasets(cfg: TrainConfig, processor, model, report: SkipReport, eval_report: SkipReport,
-                     args: TrainingArguments):  # fmt: skip
-    """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator.
-    `args`: the run's TrainingArguments, whose device and processes the feature cache fills with."""
-    cache = make_feature_cache(model, cfg, args.device)
-    if cfg.streaming:
-        from ..data.formats import load_many
-
-        load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
-        train_set = StreamingExamples(processor, cfg, report, cache)
-    else:
-        train_set = encode_dataset(
-            processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report
-        )
-        print(f"train: {len(train_set)} conversations; {report.summary()}")
-    eval_set = None
-    if cfg.eval_data:
-        eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0, eval_report)
-    if cache is not None:
-        attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []), args.distributed_state)
-    collator = Collator(processor.tokenizer.pad_token_id)
-    n_conversations = None if cfg.streaming else len(train_set)
-    if cfg.pack:
-        gap = conv_gap(model.config.text_config)
-        train_set = pack_examples(train_set, cfg.max_length, gap)
-        eval_set = pack_examples(eval_set, cfg.max_length, gap) if eval_set else eval_set
-        collator = PackedCollator(processor.tokenizer.pad_token_id)
-        print(f"packing: {n_conversations} conversations in {len(train_set)} rows of <= {cfg.max_length} tokens")
-    return train_set, eval_set, collator, n_conversations
 
 
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
@@ -324,7 +198,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
 
     report, eval_report = SkipReport(), SkipReport()
     args = training_arguments(cfg, has_eval=bool(cfg.eval_data))  # first: it sets up the processes and the device
-    train_set, eval_set, collator, n_conversations = prepare_datasets(cfg, processor, model, report, eval_report, args)
+    train_set, eval_set, collator, n_conversations = prepare_datasets(
+        cfg, processor, model, report, eval_report, args, make_feature_cache(model, cfg, args.device)
+    )
 
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
     model = configure_trainable(model, cfg.train, cfg.train_vision, lora)
