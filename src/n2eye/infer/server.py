@@ -262,7 +262,7 @@ def generation_options(body: dict, cfg: ServeConfig) -> dict[str, Any]:
     """Checks the sampling fields of a request and returns the engine's options (every field a client can send
     is either honoured or refused with a 400, never silently replaced)."""
     field = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(field, 256) if body.get(field) is not None else 256
+    max_tokens = 256 if body.get(field) is None else body[field]
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise APIError(400, f"{field} must be a positive integer; got {json.dumps(max_tokens)[:40]}.", param=field)
     if max_tokens > cfg.max_new_tokens:

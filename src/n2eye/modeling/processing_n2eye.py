@@ -14,7 +14,7 @@ from typing import Any
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .image_io import load_image
+from .image_io import IMAGE_SOURCE_KEYS, is_image_item, load_image
 from .tool_calls import normalize_tool_calls, parse_tool_calls
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant trained by Liquid AI. You can see and understand images."
@@ -81,10 +81,8 @@ def _strings(value: Any, path: str):
         yield path, value
     elif isinstance(value, dict):
         for key, inner in value.items():
-            if key in ("image", "pixel_values") and not isinstance(inner, str):
-                continue
-            if key in ("image", "url", "path", "base64", "image_url") and value.get("type") in ("image", "image_url"):
-                continue  # an image source, not text the template renders
+            if is_image_item(value) and key in (*IMAGE_SOURCE_KEYS, "image_url"):
+                continue  # an image source, not text the template renders (a PIL image or tensor yields nothing)
             yield from _strings(inner, f"{path}.{key}")
     elif isinstance(value, (list, tuple)):
         for index, inner in enumerate(value):
