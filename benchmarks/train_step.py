@@ -1,6 +1,7 @@
 """The demo model's training step on CPU, side by side in one run: float32 with the output head on every
 position (plain transformers' causal-LM loss) against ours, the head on the labelled positions only (what
-N2-Eye's model does in training mode), in float32 and under bf16 autocast (`n2eye train --bf16`); each with
+N2-Eye's model does in training mode), with the packed rows' block-diagonal mask computed whole and with attention
+per packed sample (what `n2eye train --pack` runs), in float32 and under bf16 autocast (`n2eye train --bf16`); each with
 glibc's default allocator and with freed memory kept in the process (`n2eye train` on CPU, `cpu_allocator`).
 
     python benchmarks/train_step.py [--steps 20] [--rounds 3] [--sessions 400] [--out benchmarks/results/train_step.json]
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 
-VARIANTS = ("reference", "ours", "ours_bf16")
+VARIANTS = ("reference", "ours_dense_mask", "ours", "ours_bf16")
 ALLOCATORS = ("default", "kept_memory")
 
 
@@ -80,6 +81,7 @@ def measure(args) -> dict:
     from n2eye.data.packing import PackedCollator, conv_gap, pack_examples
     from n2eye.demo import FULL, IMAGE_SIZE, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
+    from n2eye.modeling.packed_attention import PACKED_SDPA
 
     pack_length, rows_per_step = FULL["pack_length"], FULL["batch_size"]  # the demo's packed steps
     torch.manual_seed(0)
@@ -99,18 +101,28 @@ def measure(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     vocab = model.config.text_config.vocab_size
 
+    def attention(name):  # the packed rows' block-diagonal mask whole (SDPA), or attention per sample
+        model.config.text_config._attn_implementation = name
+
     def reference(batch):  # every position's logits in float32, then the loss over the labelled ones
+        attention("sdpa")
         logits = model.lm_head(model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state)
         return ForCausalLMLoss(logits, batch["labels"], vocab)
 
+    def ours_dense_mask(batch):
+        attention("sdpa")
+        return model(**batch).loss
+
     def ours(batch):
+        attention(PACKED_SDPA)
         return model(**batch).loss
 
     def ours_bf16(batch):
+        attention(PACKED_SDPA)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model(**batch).loss
 
-    variants = (("reference", reference), ("ours", ours), ("ours_bf16", ours_bf16))
+    variants = (("reference", reference), ("ours_dense_mask", ours_dense_mask), ("ours", ours), ("ours_bf16", ours_bf16))
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for step in range(args.steps + 2):  # the first two of each are warm-up
         batch = batches[step % len(batches)]

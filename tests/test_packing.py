@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import draw_shapes
@@ -100,8 +101,18 @@ def test_train_with_packing_runs_and_learns(tiny_checkpoint, tmp_path):
 
     from test_train import run_train, write_messages_dataset
 
+    from transformers import TrainerCallback
+
+    class SeenAttention(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.implementation = model.config.text_config._attn_implementation
+
+    seen = SeenAttention()
     data = write_messages_dataset(tmp_path / "d", n=8)
-    run_train(tiny_checkpoint, data, tmp_path / "run", pack=True, max_length=512, max_steps=12, lr=3e-3, batch_size=1)
+    run_train(tiny_checkpoint, data, tmp_path / "run", pack=True, max_length=512, max_steps=12, lr=3e-3, batch_size=1,
+              callbacks=[seen])  # fmt: skip
+    assert seen.implementation == "n2eye_packed_sdpa"  # attention per packed sample ...
+    assert "n2eye_packed_sdpa" not in (tmp_path / "run" / "final" / "config.json").read_text()  # ... not saved
     result = json.loads((tmp_path / "run" / "train_result.json").read_text())
     assert result["train_conversations"] == 8 and result["train_rows"] < 8
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -139,3 +150,69 @@ def test_the_gap_follows_the_conv_kernel(tiny_model):
 
     torch.testing.assert_close(logits(examples, gap), logits(changed, gap), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logits(examples, GAP), logits(changed, GAP), rtol=1e-5, atol=1e-5)
+
+
+def _two_packed_rows(processor, gap):
+    """Two packed rows (three samples and one) with `gap` masked positions between samples."""
+    from n2eye.data.packing import PackedCollator, pack_examples
+
+    examples = _examples(processor)
+    bins = pack_examples(examples, 4096, gap) + pack_examples(examples[1:2], 4096, gap)
+    return PackedCollator(processor.tokenizer.pad_token_id)(bins), examples
+
+
+@pytest.mark.parametrize("gap", [2, 0])
+def test_per_sample_attention_equals_the_block_diagonal_mask(tiny_model, gap):
+    """`n2eye_packed_sdpa` (what `n2eye train --pack` runs) gives the loss, logits and gradients of SDPA with the
+    dense block-diagonal mask; with no gap, samples are told apart by their restarted positions."""
+    from n2eye.modeling.packed_attention import PACKED_SDPA
+
+    model, processor = tiny_model
+    batch, _ = _two_packed_rows(processor, gap)
+    real = batch["attention_mask"].bool()
+    text = model.config.text_config
+    results = {}
+    try:
+        for implementation in ("sdpa", PACKED_SDPA):
+            text._attn_implementation = implementation
+            model.eval()
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            model.train()
+            model.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[implementation] = (logits[real], loss.detach(), grads)
+    finally:
+        text._attn_implementation = "sdpa"
+        model.zero_grad()
+        model.eval()
+    (dense_logits, dense_loss, dense_grads), (ours_logits, ours_loss, ours_grads) = results.values()
+    torch.testing.assert_close(ours_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_loss, dense_loss, rtol=1e-6, atol=1e-6)
+    assert dense_grads.keys() == ours_grads.keys() and any(g.abs().sum() > 0 for g in dense_grads.values())
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_segments_cover_each_sample_once(tiny_model):
+    """Every real position of every sample sits in exactly one bucket row, with its own sample only; gaps and
+    padding in none."""
+    from n2eye.modeling.packed_attention import BUCKET, PackedSegments
+
+    _, processor = tiny_model
+    batch, examples = _two_packed_rows(processor, 2)
+    segments = PackedSegments.from_positions(batch["position_ids"], batch["attention_mask"])
+    lengths, covered = [], []
+    for index, valid in segments.buckets:
+        assert index.shape == valid.shape and index.shape[1] % BUCKET == 0
+        for row, keep in zip(index, valid):
+            positions = row[keep].tolist()
+            assert positions == list(range(positions[0], positions[0] + len(positions)))  # one contiguous sample
+            lengths.append(len(positions))
+            covered += positions
+    expected = [len(e["input_ids"]) for e in examples] + [len(examples[1]["input_ids"])]
+    assert sorted(lengths) == sorted(expected)
+    real = batch["attention_mask"].reshape(-1).nonzero().flatten().tolist()
+    assert sorted(covered) == real and segments.scatter.numel() == batch["attention_mask"].numel()

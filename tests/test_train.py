@@ -404,7 +404,7 @@ def test_vision_tower_gets_its_own_learning_rate(tiny_checkpoint):
 
 @pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
 def test_train_step_benchmark_runs_as_documented(tmp_path):
-    """benchmarks/README's `python benchmarks/train_step.py`, shortened: all three variants timed under both
+    """benchmarks/README's `python benchmarks/train_step.py`, shortened: all four variants timed under both
     allocator settings, JSON written."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "train_step.json"
@@ -415,7 +415,7 @@ def test_train_step_benchmark_runs_as_documented(tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    for name in ("reference", "ours", "ours_bf16"):
+    for name in ("reference", "ours_dense_mask", "ours", "ours_bf16"):
         assert result[f"{name}_s_per_step"] > 0 and result[f"{name}_kept_memory_s_per_step"] > 0
     assert result["reference_speedup"] == 1.0 and result["machine"]
     assert "python benchmarks/train_step.py" in (root / "benchmarks" / "README.md").read_text()

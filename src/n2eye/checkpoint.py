@@ -24,6 +24,7 @@ MODELING_FILES = (
     "modeling_n2eye.py",
     "processing_n2eye.py",
     "image_io.py",
+    "packed_attention.py",
     "tool_calls.py",
 )
 MODEL_AUTO_MAP = {

@@ -15,6 +15,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from .configuration_n2eye import N2EyeConfig
+from .packed_attention import PACKED_SDPA, PackedSegments
 
 
 class N2EyeMultiModalProjector(nn.Module):
@@ -186,10 +187,16 @@ class N2EyeModel(N2EyePreTrainedModel):
         feats = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), feats)
 
-    def packed_masks(self, allowed: torch.Tensor, token_mask: torch.Tensor | None) -> dict:
-        """Per-layer-type masks for packed samples: the block-diagonal (batch, 1, q, k) mask for attention
-        (boolean for SDPA/flex, additive for eager) and the 2D token mask that zeroes gaps before each conv."""
-        if self.config.text_config._attn_implementation == "eager":
+    def packed_masks(
+        self, allowed: torch.Tensor, token_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> dict:
+        """Per-layer-type masks for packed samples: for attention the block-diagonal (batch, 1, q, k) mask
+        (boolean for SDPA/flex, additive for eager) or, with ``n2eye_packed_sdpa``, where each sample sits (its
+        attention then runs per sample); and the 2D token mask that zeroes gaps before each conv."""
+        implementation = self.config.text_config._attn_implementation
+        if implementation == PACKED_SDPA and token_mask is not None and position_ids is not None:
+            return {"full_attention": PackedSegments.from_positions(position_ids, token_mask), "conv": token_mask}
+        if implementation == "eager":
             dtype = self.language_model.dtype
             allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
@@ -234,7 +241,7 @@ class N2EyeModel(N2EyePreTrainedModel):
                     "not the tokenizer alone, and pass pixel_values to the model."
                 )
         if packed_attention_mask is not None:
-            attention_mask = self.packed_masks(packed_attention_mask, attention_mask)
+            attention_mask = self.packed_masks(packed_attention_mask, attention_mask, position_ids)
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,

@@ -88,7 +88,8 @@ class TrainConfig:
     """Stream the training data (encode on the fly) instead of loading it all; needs --max-steps."""
     pack: bool = False
     """Pack several conversations into each --max-length row; no token sees another sample (block-diagonal
-    attention, restarted positions, conv state reset). --batch-size then counts packed rows."""
+    attention, restarted positions, conv state reset). --batch-size then counts packed rows. With SDPA the
+    attention runs per sample (`modeling/packed_attention.py`): the samples' cost, not the row's."""
     feature_cache: bool = True
     """Compute frozen vision features once per image and reuse them from disk (off with --train-vision)."""
     feature_cache_dir: str | None = None

@@ -22,6 +22,7 @@ from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
 from ..data.examples import prepare_datasets
 from ..data.report import SkipReport
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
+from ..modeling.packed_attention import PACKED_SDPA
 from ..modeling.processing_n2eye import N2EyeProcessor
 from .config import LR_SCHEDULES, TrainConfig
 from .cpu_allocator import keep_freed_memory
@@ -193,6 +194,8 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         keep_freed_memory()
     processor = N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True)
     model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
+    if cfg.pack and model.config.text_config._attn_implementation == "sdpa":
+        model.set_attn_implementation({"text_config": PACKED_SDPA})  # attention per packed sample: same result
     n_bytes = sum(p.numel() for p in model.parameters()) * 2  # a bf16-or-better copy per checkpoint
     check_writable(out / "final", need_bytes=n_bytes)
 
