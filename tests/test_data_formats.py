@@ -22,7 +22,6 @@ from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw
 
 from n2eye.data import (
-    ImageCache,
     NoUsableRowsError,
     SkipReport,
     detect_format,
@@ -32,6 +31,7 @@ from n2eye.data import (
     load_source,
     parse_spec,
 )
+from n2eye.images import ImageCache
 
 # ------------------------------------------------------------------------------------------ fixtures
 

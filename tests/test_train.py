@@ -260,6 +260,33 @@ def test_train_config_from_yaml_and_checks(tmp_path):
         TrainConfig(model="m", data="d", out="o", train="everything")
 
 
+def test_trainer_args_reach_training_arguments_and_are_checked(tmp_path):
+    """Any TrainingArguments option goes through --trainer-args (flags or a YAML mapping); one n2eye sets itself
+    is refused with its flag, a typo with the close match; the table of n2eye's own is the truth."""
+    from n2eye.cli import make_parser
+    from n2eye.cli_args import config_from_args
+    from n2eye.train.config import OWN_TRAINING_ARGUMENTS, TrainConfig
+    from n2eye.train.trainer import own_training_arguments, training_arguments
+
+    argv = ["train", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"), "--no-bf16",
+            "--trainer-args", "max_grad_norm=0.25", "optim=adafactor", "dataloader_num_workers=1"]  # fmt: skip
+    cfg = config_from_args(TrainConfig, make_parser(argv).parse_args(argv))
+    args = training_arguments(cfg, has_eval=False)
+    assert (args.max_grad_norm, args.optim, args.dataloader_num_workers) == (0.25, "adafactor", 1)
+    assert training_arguments(TrainConfig(model="m", data="d", out=str(tmp_path / "p"), bf16=False), False).max_grad_norm == 1.0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: m\ndata: d\nout: {tmp_path / 'q'}\nbf16: false\ntrainer_args:\n  max_grad_norm: 0.5\n")
+    argv = ["train", "--config", str(recipe)]
+    assert training_arguments(config_from_args(TrainConfig, make_parser(argv).parse_args(argv)), False).max_grad_norm == 0.5
+    with pytest.raises(ValueError, match="from --lr; use that flag"):
+        TrainConfig(model="m", data="d", out="o", trainer_args=["learning_rate=1e-3"])
+    with pytest.raises(ValueError, match="Did you mean max_grad_norm"):
+        TrainConfig(model="m", data="d", out="o", trainer_args=["max_grad_nrom=1"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        TrainConfig(model="m", data="d", out="o", trainer_args=["max_grad_norm"])
+    assert own_training_arguments(cfg, has_eval=True).keys() == OWN_TRAINING_ARGUMENTS.keys()
+
+
 class CountVisionCalls(TrainerCallback):
     """Counts vision-tower forwards during training (after any feature-cache precompute)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..modeling.image_io import image_item_source, is_image_item
+from ..images import image_item_source, is_image_item
 from .report import CONTROL_TOKEN, IMAGE_COUNT_MISMATCH, SkipRow
 
 TOO_LONG = "too_long"

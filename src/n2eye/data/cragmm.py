@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from n2eye.data.image_cache import ImageCache, resolve_image
+from n2eye.images import ImageCache, resolve_image
 from n2eye.data.report import (
     ANSWER_WITHOUT_TURN,
     EMPTY_TURNS,

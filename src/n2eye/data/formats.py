@@ -31,7 +31,7 @@ from n2eye.data.cragmm import (
     CragLabels,
     cragmm_to_conversation,
 )
-from n2eye.data.image_cache import ImageCache, resolve_image
+from n2eye.images import ImageCache, image_item_source, resolve_image
 from n2eye.data.report import (
     CONTROL_TOKEN,
     EMPTY_TURNS,
@@ -44,7 +44,6 @@ from n2eye.data.report import (
     SkipRow,
 )
 from n2eye.data.sources import column_names, load_source, spec_base_dir
-from n2eye.modeling.image_io import image_item_source
 
 logger = logging.getLogger(__name__)
 

@@ -355,7 +355,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": content})
         full = self._render(add_generation_prompt=True)
         items = content if isinstance(content, list) else []
-        from ..modeling.image_io import is_image_item
+        from ..images import is_image_item
 
         new_images = [i for i in items if is_image_item(i)]
         if self.ids is None or not full.startswith(self.prefix_text):
@@ -402,7 +402,7 @@ class ChatSession:
 
     @staticmethod
     def _image_source(item: dict) -> Any:
-        from ..modeling.image_io import image_item_source
+        from ..images import image_item_source
 
         source = image_item_source(item)
         if source is None:

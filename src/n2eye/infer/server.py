@@ -90,7 +90,7 @@ class APIError(Exception):
 # ---- images ----------------------------------------------------------------------------------------------------
 def load_request_image(url: str, cfg: ServeConfig):
     """An image from an OpenAI `image_url`: data URI, http(s) URL (public unless allowed) or, if enabled, a path."""
-    from ..modeling.image_io import ImageURLRefused, load_image
+    from ..images import ImageURLRefused, load_image
 
     if not url.startswith(("data:", "http://", "https://")):
         if not cfg.allow_local_files:
@@ -143,7 +143,7 @@ def check_tools(tools: Any) -> list[dict] | None:
 
 def to_hf_messages(messages: Any, cfg: ServeConfig) -> tuple[list[dict], int]:
     """OpenAI chat messages -> HF chat messages with loaded images; returns them and the image count."""
-    from ..modeling.image_io import image_item_source, is_image_item
+    from ..images import image_item_source, is_image_item
 
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list.", param="messages")

@@ -6,12 +6,61 @@ max length 2048, gradient checkpointing, vision frozen, projector + LM trained.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass
+from typing import Any
+
+import yaml
 
 TRAIN_MODES = ("projector", "full", "lora")
 # --lr-schedule names -> transformers' scheduler types (wsd: warmup, constant, decay: loss keeps falling at the
 # peak rate instead of the rate shrinking from the first step after the warmup).
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "wsd": "warmup_stable_decay"}
+
+
+# TrainingArguments that n2eye sets itself: from one of its flags (named here), or always (None: not settable).
+OWN_TRAINING_ARGUMENTS: dict[str, str | None] = {
+    "output_dir": "--out", "per_device_train_batch_size": "--batch-size", "per_device_eval_batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--grad-accum", "learning_rate": "--lr", "num_train_epochs": "--epochs",
+    "max_steps": "--max-steps", "lr_scheduler_type": "--lr-schedule", "lr_scheduler_kwargs": "--decay-ratio",
+    "warmup_steps": "--warmup-ratio", "weight_decay": "--weight-decay", "bf16": "--bf16",
+    "activation_checkpointing": "--gradient-checkpointing", "activation_checkpointing_kwargs": None, "logging_steps": "--logging-steps",
+    "save_strategy": "--save-every", "save_steps": "--save-every", "save_total_limit": "--save-total-limit",
+    "eval_strategy": "--eval-every", "eval_steps": "--eval-every", "report_to": "--report-to", "seed": "--seed",
+    "data_seed": "--seed", "remove_unused_columns": None, "use_cpu": None, "accelerator_config": None,
+    "include_num_input_tokens_seen": None,
+}  # fmt: skip
+
+
+def parse_trainer_args(value: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`--trainer-args` KEY=VALUE pairs (or a YAML mapping) -> {TrainingArguments field: value}, checked against
+    TrainingArguments' own fields so a typo fails before any work instead of deep inside transformers."""
+    from transformers import TrainingArguments
+
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        pairs = {str(k): v for k, v in value.items()}
+    else:
+        pairs = {}
+        for item in value:
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key:
+                raise ValueError(f"--trainer-args takes KEY=VALUE pairs, got {item!r} (e.g. max_grad_norm=0.5).")
+            pairs[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in pairs:
+        if key in OWN_TRAINING_ARGUMENTS:
+            flag = OWN_TRAINING_ARGUMENTS[key]
+            raise ValueError(
+                f"--trainer-args {key}: n2eye sets this one " + (f"from {flag}; use that flag." if flag else "itself.")
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"--trainer-args {key}: not a transformers TrainingArguments option.{hint}")
+    return pairs
 
 
 @dataclass
@@ -101,7 +150,13 @@ class TrainConfig:
     (glibc mallopt; 1.01-1.07x faster float32 steps on the demo model, same numbers; the process holds its peak memory
     until it exits)."""
 
+    trainer_args: list[str] | dict[str, Any] | None = None
+    """Any other transformers TrainingArguments option, as KEY=VALUE pairs (YAML: a mapping), e.g.
+    `--trainer-args max_grad_norm=0.5 optim=adamw_torch_fused dataloader_num_workers=2`; values are read as YAML
+    scalars. Options n2eye sets from its own flags are refused here with the flag to use."""
+
     def __post_init__(self) -> None:
+        self.trainer_args = parse_trainer_args(self.trainer_args)
         if self.train not in TRAIN_MODES:
             raise ValueError(f"--train must be one of {list(TRAIN_MODES)}, got {self.train!r}.")
         if self.format not in ("auto", "cragmm", "messages", "llava"):

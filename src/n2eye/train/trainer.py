@@ -13,6 +13,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -142,10 +143,11 @@ def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = No
                               device=device)  # fmt: skip
 
 
-def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
+def own_training_arguments(cfg: TrainConfig, has_eval: bool) -> dict[str, Any]:
+    """The TrainingArguments n2eye sets from its flags (`config.OWN_TRAINING_ARGUMENTS` says which sets which)."""
     report_to = [] if cfg.report_to in ("", "none") else cfg.report_to.split(",")
     use_bf16 = uses_bf16(cfg)
-    return TrainingArguments(
+    return dict(
         output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -172,9 +174,7 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
         # batches hold per-image tensors (pixel_values, vision_features) whose first dim is not the batch size,
         # so each process builds its own batches instead of having rank 0 slice them
@@ -182,6 +182,11 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     )
 
 
+def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
+    """The TrainingArguments of a run: n2eye's own, then any other option from `--trainer-args` (checked in
+    TrainConfig not to name one of n2eye's own), over two defaults those may change."""
+    defaults = {"dataloader_num_workers": 0, "disable_tqdm": False}
+    return TrainingArguments(**{**defaults, **cfg.trainer_args, **own_training_arguments(cfg, has_eval)})
 
 
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:

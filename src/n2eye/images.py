@@ -1,7 +1,13 @@
-"""Web images fetched once into a local cache, so every epoch (and every process) reads the same bytes.
+"""The one place for images outside a checkpoint: find the image in a content item, load it, fetch it, cache it.
 
-Files are keyed by the sha256 of the URL and written atomically (temp file + rename), so concurrent
-data-loader workers never see half a file. Decoding goes through `load_image`, with its size/pixel caps.
+Finding, loading and fetching live in `modeling/image_io.py` (checkpoints ship it, so a model loaded with plain
+transformers reads images the same way) and are re-exported here; this module adds what only training and
+evaluation need: web images fetched once into a local cache, so every epoch (and every process) reads the same
+bytes, and a dataset row's image value turned into an image or a counted skip (`resolve_image`).
+
+Cached files are keyed by the sha256 of the URL and written atomically (temp file + rename), so concurrent
+data-loader workers never see half a file. Decoding goes through `load_image`, with its size/pixel caps; fetching
+through `read_url`, the one fetcher (size cap, timeout, and with `public_only` the SSRF guard the server uses).
 """
 
 from __future__ import annotations
@@ -15,13 +21,23 @@ from typing import Any
 from PIL import Image
 
 from n2eye.modeling.image_io import (
+    IMAGE_SOURCE_KEYS,
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     URL_TIMEOUT_S,
     ImageLoadError,
+    ImageURLRefused,
+    image_item_source,
+    is_image_item,
     load_image,
     read_url,
 )
+
+__all__ = [
+    "IMAGE_SOURCE_KEYS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "URL_TIMEOUT_S", "ImageCache", "ImageFetchError",
+    "ImageLoadError", "ImageURLRefused", "default_cache_dir", "image_item_source", "is_image_item", "is_url",
+    "load_image", "read_url", "resolve_image",
+]  # fmt: skip
 
 
 class ImageFetchError(ImageLoadError):
