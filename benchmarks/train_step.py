@@ -76,10 +76,10 @@ def measure(args) -> dict:
 
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from n2eye.data import synthetic
     from n2eye.data.collate import encode_conversation
     from n2eye.data.packing import PackedCollator, conv_gap, pack_examples
-    from n2eye.demo import FULL, IMAGE_SIZE, demo_model
+    from n2eye.demo import questions, world, writers
+    from n2eye.demo.command import FULL, IMAGE_SIZE, demo_model
     from n2eye.fixtures import train_tiny_tokenizer
     from n2eye.modeling.packed_attention import PACKED_SDPA
 
@@ -87,12 +87,12 @@ def measure(args) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = train_tiny_tokenizer(Path(tmp) / "tokenizer")
-    sessions = synthetic.make_sessions(args.sessions, seed=0, size=IMAGE_SIZE)
-    mean, std = synthetic.pixel_statistics([im for s in sessions for im in s.images])
+    sessions = questions.make_sessions(args.sessions, seed=0, size=IMAGE_SIZE)
+    mean, std = world.pixel_statistics([im for s in sessions for im in s.images])
     model, processor = demo_model(tokenizer, 0, image_mean=mean, image_std=std)
     model.model.vision_tower.requires_grad_(False)
     model.train()
-    examples = [encode_conversation(processor, synthetic.to_conversation(s), pack_length) for s in sessions]
+    examples = [encode_conversation(processor, writers.to_conversation(s), pack_length) for s in sessions]
     rows = pack_examples(examples, pack_length, conv_gap(model.config.text_config))
     collate = PackedCollator(tokenizer.pad_token_id)
     n = rows_per_step

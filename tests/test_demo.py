@@ -42,7 +42,7 @@ def test_readme_quick_demo_learns_colour_and_count_from_the_images(tmp_path):
     assert set(result["targets"]) == {"colour", "count", "shape", "position", "grounding"}
 
     # Run again: finished stages are not redone (the trained model stays as it was), the result is rewritten.
-    from n2eye.demo import DemoConfig, run_demo
+    from n2eye.demo.command import DemoConfig, run_demo
 
     stamp = (out / "run" / "final" / "model.safetensors").stat().st_mtime
     again = run_demo(DemoConfig(out=str(out), quick=True))
@@ -68,21 +68,22 @@ def test_demo_model_learns_a_colour_when_normalised_with_the_data_statistics(tmp
 
     import torch
 
-    from n2eye.data import synthetic as S
+    from n2eye.demo import questions, world, writers
     from n2eye.data.collate import Collator, encode_conversation
-    from n2eye.demo import demo_model
+    from n2eye.demo.command import demo_model
     from n2eye.fixtures import train_tiny_tokenizer
     from n2eye.train.modes import parameter_groups
 
     rng = random.Random(0)
-    scenes = [S.make_scene(rng, 96, n_objects=1) for _ in range(1100)]
-    mean, std = S.pixel_statistics(s.image for s in scenes[:1000])
+    scenes = [world.make_scene(rng, 96, n_objects=1) for _ in range(1100)]
+    mean, std = world.pixel_statistics(s.image for s in scenes[:1000])
     model, processor = demo_model(train_tiny_tokenizer(tmp_path / "tok"), 0, image_mean=mean, image_std=std)
     assert list(processor.image_processor.image_mean) == mean
 
     def example(scene):
-        turn = S.Turn("What colour is the object?", scene.objects[0].colour, "colour")
-        return encode_conversation(processor, S.to_conversation(S.Session("x", "cragmm", [scene], [turn])), 512)
+        turn = questions.Turn("What colour is the object?", scene.objects[0].colour, "colour")
+        session = questions.Session("x", "cragmm", [scene], [turn])
+        return encode_conversation(processor, writers.to_conversation(session), 512)
 
     train, held = [example(s) for s in scenes[:1000]], [example(s) for s in scenes[1000:]]
     collate = Collator(processor.tokenizer.pad_token_id)
@@ -109,8 +110,8 @@ def test_every_demo_conversation_fits_the_packed_rows_whole(tmp_path):
     """The demo packs rows of FULL["pack_length"] tokens: no conversation may be cut (a cut tool-call session
     loses its call, and the model then never learns to close one: measured at 256-token rows, tool calls 0%)."""
     from n2eye.data.report import SkipReport
-    from n2eye.data.synthetic import write_demo_dataset
-    from n2eye.demo import FULL, IMAGE_SIZE, QUICK, demo_model
+    from n2eye.demo.command import FULL, IMAGE_SIZE, QUICK, demo_model
+    from n2eye.demo.writers import write_demo_dataset
     from n2eye.fixtures import train_tiny_tokenizer
     from n2eye.data.examples import encode_dataset
 

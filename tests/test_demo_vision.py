@@ -9,22 +9,22 @@ import pytest
 
 
 def test_cell_labels_name_each_objects_cell_and_mark_the_rest_empty():
-    from n2eye.data import synthetic as S
-    from n2eye.demo_vision import BOX_EDGES, SIDES, cell_labels, edge_classes
+    from n2eye.demo import world
+    from n2eye.demo.vision import BOX_EDGES, SIDES, cell_labels, edge_classes
 
-    scene = S.make_scene(random.Random(3), 96, shapes=["circle", "triangle"], colours=["red", "blue"])
+    scene = world.make_scene(random.Random(3), 96, shapes=["circle", "triangle"], colours=["red", "blue"])
     labels = cell_labels(scene)
     cells = {o.cell(96): o for o in scene.objects}
     assert len(cells) == 2  # one object per cell
     for index in range(9):
         if index in cells:
             obj = cells[index]
-            assert labels["colour"][index] == S.COLOURS.index(obj.colour)
-            assert labels["shape"][index] == S.SHAPES.index(obj.shape)
-            assert S.object_sides(96)[labels["size"][index]] == obj.size
-            assert [labels[edge][index] * S.SNAP for edge in BOX_EDGES] == list(obj.bbox)
+            assert labels["colour"][index] == world.COLOURS.index(obj.colour)
+            assert labels["shape"][index] == world.SHAPES.index(obj.shape)
+            assert world.object_sides(96)[labels["size"][index]] == obj.size
+            assert [labels[edge][index] * world.SNAP for edge in BOX_EDGES] == list(obj.bbox)
             for axis, words in SIDES.items():
-                side = S.side_of(obj, axis, 96)
+                side = world.side_of(obj, axis, 96)
                 assert labels[f"side_{axis}"][index] == (words.index(side) if side else 2)
         else:
             assert (labels["colour"][index], labels["shape"][index], labels["size"][index]) == (4, 3, 4)
@@ -33,11 +33,11 @@ def test_cell_labels_name_each_objects_cell_and_mark_the_rest_empty():
 
 
 def test_object_cell_is_the_grid_cell_of_its_centre():
-    from n2eye.data import synthetic as S
+    from n2eye.demo import world
 
     rng = random.Random(0)
     for _ in range(50):
-        scene = S.make_scene(rng, 96)
+        scene = world.make_scene(rng, 96)
         for obj in scene.objects:
             row, col = divmod(obj.cell(96), 3)
             assert col * 32 <= obj.center[0] < (col + 1) * 32 and row * 32 <= obj.center[1] < (row + 1) * 32
@@ -46,13 +46,13 @@ def test_object_cell_is_the_grid_cell_of_its_centre():
 def test_pretraining_teaches_the_tower_every_cell_then_freezes_it(tmp_path):
     import torch
 
-    from n2eye.data import synthetic as S
-    from n2eye.demo import demo_model
-    from n2eye.demo_vision import pretrain_vision_tower
+    from n2eye.demo import world
+    from n2eye.demo.command import demo_model
+    from n2eye.demo.vision import pretrain_vision_tower
     from n2eye.fixtures import train_tiny_tokenizer
 
     rng = random.Random(0)
-    mean, std = S.pixel_statistics(S.make_scene(rng, 96).image for _ in range(200))
+    mean, std = world.pixel_statistics(world.make_scene(rng, 96).image for _ in range(200))
     model, processor = demo_model(train_tiny_tokenizer(tmp_path / "tok"), 0, image_mean=mean, image_std=std)
     lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     result = pretrain_vision_tower(model, processor, steps=60, seed=1, progress=False)
@@ -66,7 +66,7 @@ def test_pretraining_teaches_the_tower_every_cell_then_freezes_it(tmp_path):
 
 def test_pretraining_refuses_a_model_without_one_token_per_cell():
     from n2eye.build import build_random
-    from n2eye.demo_vision import pretrain_vision_tower
+    from n2eye.demo.vision import pretrain_vision_tower
 
     model, processor = build_random("tiny")
     with pytest.raises(ValueError, match="one image token per grid cell"):
@@ -80,13 +80,13 @@ def test_alignment_makes_every_image_token_read_as_its_cells_words(tmp_path):
     stays trainable."""
     import torch
 
-    from n2eye.data import synthetic as S
-    from n2eye.demo import VISION_PRETRAIN_STEPS, demo_model, word_ids
-    from n2eye.demo_vision import pretrain_vision_tower
+    from n2eye.demo import world
+    from n2eye.demo.command import VISION_PRETRAIN_STEPS, demo_model, word_ids
+    from n2eye.demo.vision import pretrain_vision_tower
     from n2eye.fixtures import train_tiny_tokenizer
 
     rng = random.Random(0)
-    mean, std = S.pixel_statistics(S.make_scene(rng, 96).image for _ in range(200))
+    mean, std = world.pixel_statistics(world.make_scene(rng, 96).image for _ in range(200))
     tokenizer = train_tiny_tokenizer(tmp_path / "tok")
     model, processor = demo_model(tokenizer, 0, image_mean=mean, image_std=std)
     lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}

@@ -131,11 +131,11 @@ def test_demo_tokenizer_learns_the_worlds_words_and_keeps_coordinates_whole(tmp_
     """The demo's tokenizer also trains on the shapes world's phrasing: the model-card grounding prompt comes out
     in far fewer tokens than from the generic tiny tokenizer (so packed rows hold more conversations), and box
     coordinates keep their one layout."""
-    from n2eye.data import synthetic as S
-    from n2eye.demo import DEMO_VOCAB
+    from n2eye.demo import questions, writers
+    from n2eye.demo.command import DEMO_VOCAB
 
-    demo = train_tiny_tokenizer(tmp_path, vocab_size=DEMO_VOCAB, extra_corpus=S.tokenizer_corpus())
-    prompt = S.grounding_question("triangle")
+    demo = train_tiny_tokenizer(tmp_path, vocab_size=DEMO_VOCAB, extra_corpus=writers.tokenizer_corpus())
+    prompt = questions.grounding_question("triangle")
     assert len(demo.tokenize(prompt)) <= 0.6 * len(tokenizer.tokenize(prompt))
     for word in ("Detect", "instances", "Coordinates", "normalized", "triangle"):
         assert len(demo.tokenize(" " + word)) == 1, word

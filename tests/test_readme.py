@@ -39,7 +39,7 @@ def test_the_demo_names_the_readme_serve_command_as_its_next_step(monkeypatch, t
     """The demo's last lines are the README's serve command, with the install it needs when [serve] is missing."""
     import importlib.util
 
-    from n2eye.demo import next_step
+    from n2eye.demo.command import next_step
 
     monkeypatch.chdir(tmp_path)
     real = importlib.util.find_spec

@@ -325,12 +325,23 @@ def vision_seconds_per_image(model, processor, bf16: bool, repeats: int) -> floa
         tower.to(dtype)
 
 
+def write_shapes_world(out_dir: Path, sessions: int, heldout: int, seed: int = 0, size: int = 96) -> dict[str, Any]:
+    """The demo's shapes world (the same sessions as `n2eye demo` writes at `seed`), written by the demo's own
+    writer in a process of its own, as `n2eye train` is run below: nothing outside `n2eye.demo` imports it.
+    Returns the written paths (`{"train": {"cragmm": ..., "messages": ...}, "heldout": {...}, "manifest": ...}`)."""
+    command = [sys.executable, "-m", "n2eye.demo.writers", str(out_dir), "--sessions", str(sessions),
+               "--heldout", str(heldout), "--seed", str(seed), "--size", str(size)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"training figure: `{' '.join(command)}` failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[str, Any]]:
     """Training samples/s through `n2eye train` (frozen vision), without and with the frozen-vision feature cache
     (warm: filled by an untimed first run, as in a second epoch or a second run), and the most a cache could give:
     1 / (1 - the vision tower's share of a step without it)."""
     from .checkpoint import default_generation_config, save_checkpoint
-    from .data.synthetic import write_demo_dataset
 
     settings = train_settings(cfg.preset, cfg.device)
     steps = cfg.train_steps or settings["steps"]
@@ -338,7 +349,7 @@ def train_records(model, processor, cfg: BenchConfig, work: Path) -> list[dict[s
     checkpoint = work / "model"
     save_checkpoint(model, processor, checkpoint, default_generation_config(processor.tokenizer))
     # the cache is filled for the whole dataset before a run: at the 1.3B shapes only the sessions it trains on
-    written = write_demo_dataset(work / "data", settings["sessions"], 8, seed=0, size=96)
+    written = write_shapes_world(work / "data", settings["sessions"], 8)
     spec = ",".join(str(p) for p in written["train"].values() if p)
 
     def run(name: str, cache: bool) -> tuple[float, float]:

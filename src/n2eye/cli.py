@@ -23,7 +23,7 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "build": Command("assemble a model from LFM2 + SigLIP backbones (or a preset) and save it", "build", "BuildConfig", "build_and_report"),
-    "demo": Command("train an N2-Eye from scratch on CPU, prove it learned, and show it", "demo", "DemoConfig", "run_demo"),
+    "demo": Command("train an N2-Eye from scratch on CPU, prove it learned, and show it", "demo.command", "DemoConfig", "run_demo"),
     "train": Command("train on CRAG-MM or your own chat data (projector, full or LoRA)", "train.trainer", "TrainConfig", "train"),
     "merge": Command("fold a LoRA adapter into a plain checkpoint", "train.merge", "MergeConfig", "merge_and_report"),
     "eval": Command("score a model on held-out conversations, per question type", "eval.runner", "EvalConfig", "evaluate"),

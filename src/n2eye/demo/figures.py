@@ -18,9 +18,9 @@ def draw_heldout_examples(
     import matplotlib.patches as patches
     import matplotlib.pyplot as plt
 
-    from .data.formats import load_many
-    from .eval.runner import EvalConfig, turn_requests
-    from .eval.scoring import parse_boxes
+    from ..data.formats import load_many
+    from ..eval.runner import EvalConfig, turn_requests
+    from ..eval.scoring import parse_boxes
 
     picked: list[dict] = []
     grounding = 0

@@ -6,23 +6,24 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from n2eye.data import synthetic as S
+from n2eye.demo import baselines, questions, world, writers
 from n2eye.eval import scoring
 from n2eye.data.formats import load_conversations
 
 
 @pytest.fixture(scope="module")
-def sessions() -> list[S.Session]:
-    return S.make_sessions(2000, seed=11)
+def sessions() -> list[questions.Session]:
+    return questions.make_sessions(2000, seed=11)
 
 
 @pytest.fixture(scope="module")
-def heldout() -> list[S.Session]:
-    return S.make_sessions(1000, seed=12)
+def heldout() -> list[questions.Session]:
+    return questions.make_sessions(1000, seed=12)
 
 
 def all_turns(sessions):
@@ -31,14 +32,14 @@ def all_turns(sessions):
             yield session, turn
 
 
-def drawn_area(scene: S.Scene, obj: S.SceneObject) -> int:
+def drawn_area(scene: world.Scene, obj: world.SceneObject) -> int:
     """Pixels inside the object's box that are not background (objects never share a box)."""
     x1, y1, x2, y2 = obj.bbox
     pixels = np.asarray(scene.image.crop((x1, y1, x2, y2)), dtype=np.int16)
     return int((np.abs(pixels - np.array(scene.background)).max(axis=-1) > 30).sum())
 
 
-def side(scene: S.Scene, obj: S.SceneObject, axis: str) -> str | None:
+def side(scene: world.Scene, obj: world.SceneObject, axis: str) -> str | None:
     i = 0 if axis == "x" else 1
     centre = (obj.bbox[i] + obj.bbox[i + 2]) / 2
     if abs(centre - scene.size / 2) < 0.1 * scene.size:
@@ -48,7 +49,7 @@ def side(scene: S.Scene, obj: S.SceneObject, axis: str) -> str | None:
     return "top" if centre < scene.size / 2 else "bottom"
 
 
-def expected_answer(session: S.Session, turn: S.Turn) -> str:
+def expected_answer(session: questions.Session, turn: questions.Turn) -> str:
     """Recomputes a turn's answer from the scene objects (and pixels), independently of the generator."""
     q = turn.question
     scene = session.scenes[0]
@@ -109,7 +110,8 @@ def expected_answer(session: S.Session, turn: S.Turn) -> str:
 
 
 def test_sessions_are_deterministic_for_a_seed():
-    a, b, c = S.make_sessions(40, seed=3), S.make_sessions(40, seed=3), S.make_sessions(40, seed=4)
+    make = questions.make_sessions
+    a, b, c = make(40, seed=3), make(40, seed=3), make(40, seed=4)
 
     def key(sessions):
         return [
@@ -124,7 +126,7 @@ def test_sessions_are_deterministic_for_a_seed():
 
     assert key(a) == key(b)
     assert key(a) != key(c)
-    assert key(S.make_sessions(10, seed=3)) == key(a)[:10]  # a prefix of a longer run
+    assert key(questions.make_sessions(10, seed=3)) == key(a)[:10]  # a prefix of a longer run
 
 
 def test_scenes_are_in_bounds_apart_and_drawn_as_described():
@@ -132,7 +134,7 @@ def test_scenes_are_in_bounds_apart_and_drawn_as_described():
 
     rng = random.Random(0)
     for _ in range(300):
-        scene = S.make_scene(rng, 96)
+        scene = world.make_scene(rng, 96)
         assert scene.image.size == (96, 96) and scene.image.mode == "RGB"
         assert 1 <= len(scene.objects) <= 4
         assert max(abs(c - 128) for c in scene.background) > 60, "background must not look like blank grey"
@@ -142,7 +144,7 @@ def test_scenes_are_in_bounds_apart_and_drawn_as_described():
             assert o.bbox_norm == tuple(v / 96 for v in o.bbox)
             # The pixel a bit above the bottom centre is inside every shape and has the object's colour.
             pixel = scene.image.getpixel(((x1 + x2) // 2, y2 - 4))
-            assert max(abs(a - b) for a, b in zip(pixel, S.PALETTE[o.colour])) <= S.OBJECT_JITTER
+            assert max(abs(a - b) for a, b in zip(pixel, world.PALETTE[o.colour])) <= world.OBJECT_JITTER
             for p in scene.objects[i + 1 :]:
                 assert x2 <= p.bbox[0] or p.bbox[2] <= x1 or y2 <= p.bbox[1] or p.bbox[3] <= y1, "objects overlap"
 
@@ -152,34 +154,35 @@ def test_objects_sit_one_per_grid_cell_near_its_centre():
     import random
 
     rng = random.Random(1)
-    cell = 96 // S.GRID
+    cell = 96 // world.GRID
     cells_used = set()
     for _ in range(300):
-        scene = S.make_scene(rng, 96)
+        scene = world.make_scene(rng, 96)
         cells = []
         for o in scene.objects:
             x1, y1, x2, y2 = o.bbox
             col, row = x1 // cell, y1 // cell
             assert (x2 - 1) // cell == col and (y2 - 1) // cell == row, f"{o} crosses a cell border"
             cx, cy = o.center
-            assert abs(cx - (col + 0.5) * cell) <= S.CELL_JITTER + 1 and abs(cy - (row + 0.5) * cell) <= S.CELL_JITTER + 1
+            jitter = world.CELL_JITTER + 1
+            assert abs(cx - (col + 0.5) * cell) <= jitter and abs(cy - (row + 0.5) * cell) <= jitter
             cells.append((row, col))
         assert len(set(cells)) == len(cells), "two objects in one cell"
         cells_used.update(cells)
-    assert len(cells_used) == S.GRID * S.GRID, "every cell is used"
+    assert len(cells_used) == world.GRID * world.GRID, "every cell is used"
 
 
 def test_pixel_statistics():
     from PIL import Image
 
-    mean, std = S.pixel_statistics([Image.new("RGB", (8, 8), (255, 0, 51))] * 3)
+    mean, std = world.pixel_statistics([Image.new("RGB", (8, 8), (255, 0, 51))] * 3)
     assert mean == pytest.approx([1.0, 0.0, 0.2]) and std == pytest.approx([0, 0, 0], abs=1e-3)
     half = Image.new("RGB", (2, 1), (0, 0, 0))
     half.putpixel((1, 0), (255, 255, 255))
-    mean, std = S.pixel_statistics([half])
+    mean, std = world.pixel_statistics([half])
     assert mean == pytest.approx([0.5] * 3) and std == pytest.approx([0.5] * 3)
     with pytest.raises(ValueError):
-        S.pixel_statistics([])
+        world.pixel_statistics([])
 
 
 def test_every_answer_is_correct(sessions):
@@ -195,16 +198,16 @@ def test_every_answer_is_correct(sessions):
             if turn.qtype == "grounding":
                 assert json.loads(turn.answer) == json.loads(expected), (session.session_id, turn)
             else:
-                assert S.turn_label(turn) == expected, (session.session_id, turn)
+                assert baselines.turn_label(turn) == expected, (session.session_id, turn)
             assert turn.answer == turn.answer.strip()
             if turn.qtype not in ("grounding", "tool_call"):  # one lowercase word or a digit
                 assert re.fullmatch(r"[a-z]+|[0-4]", turn.answer), turn
-    assert set(S.qtype_counts(sessions)) == set(S.QTYPES)
+    assert set(baselines.qtype_counts(sessions)) == set(questions.QTYPES)
 
 
 def test_answers_are_balanced_within_each_type():
     classes: dict[str, Counter] = defaultdict(Counter)
-    sessions = S.make_sessions(8000, seed=11)  # "bigger" questions are rare (~2% of turns): ~150 of them
+    sessions = questions.make_sessions(8000, seed=11)  # "bigger" questions are rare (~2% of turns): ~150 of them
     for session, turn in all_turns(sessions):
         if turn.qtype == "grounding":
             continue
@@ -255,35 +258,36 @@ def test_grounding_answers_parse_and_match_the_objects(sessions):
 
 
 def test_cragmm_parquet_reads_back_through_the_adapter(tmp_path):
-    sessions = S.make_sessions(60, seed=5)
-    path = S.write_cragmm(sessions, tmp_path, "train")
+    sessions = questions.make_sessions(60, seed=5)
+    path = writers.write_cragmm(sessions, tmp_path, "train")
     assert path == tmp_path / "train.parquet"
     convs = list(load_conversations(path, "cragmm", cache_dir=tmp_path / "hf"))
     single = [s for s in sessions if s.kind == "cragmm"]
     assert len(convs) == len(single) > 30
     for conv, session in zip(convs, single):
-        assert conv["messages"] == S.session_messages(session)
+        assert conv["messages"] == writers.session_messages(session)
         assert conv["images"][0].tobytes() == session.scenes[0].image.tobytes()
         assert conv["metadata"]["session_id"] == session.session_id and conv["metadata"]["egocentric"]
-        assert S.conversation_qtypes(conv) == [t.qtype for t in session.turns]
+        assert writers.conversation_qtypes(conv) == [t.qtype for t in session.turns]
         assert {t["domain"] for t in conv["metadata"]["turns"]} == {"shapes"}
-        memory = S.to_conversation(session)  # the in-memory form matches what the adapter reads
-        assert memory["messages"] == conv["messages"] and S.conversation_qtypes(memory) == S.conversation_qtypes(conv)
+        memory = writers.to_conversation(session)  # the in-memory form matches what the adapter reads
+        assert memory["messages"] == conv["messages"]
+        assert writers.conversation_qtypes(memory) == writers.conversation_qtypes(conv)
 
 
 def test_extra_jsonl_reads_back_through_the_messages_adapter(tmp_path):
-    sessions = S.make_sessions(120, seed=6)
-    S.write_cragmm(sessions, tmp_path, "heldout")
+    sessions = questions.make_sessions(120, seed=6)
+    writers.write_cragmm(sessions, tmp_path, "heldout")
     path = tmp_path / "heldout-extra.jsonl"
     extra = [s for s in sessions if s.kind != "cragmm"]
     convs = list(load_conversations(path, "messages", cache_dir=tmp_path / "hf"))
     assert len(convs) == len(extra) > 10
     assert {s.kind for s in extra} == {"two_image", "tool_call"}
     for conv, session in zip(convs, extra):
-        assert conv["messages"] == S.session_messages(session)
+        assert conv["messages"] == writers.session_messages(session)
         assert [i.tobytes() for i in conv["images"]] == [i.tobytes() for i in session.images]
-        assert S.conversation_qtypes(conv) == [t.qtype for t in session.turns]
-        assert S.conversation_qtypes(conv)[0] == session.kind
+        assert writers.conversation_qtypes(conv) == [t.qtype for t in session.turns]
+        assert writers.conversation_qtypes(conv)[0] == session.kind
         if session.kind == "tool_call":
             assert [t["function"]["name"] for t in conv["tools"]] == ["lookup_price", "add_to_cart"]
             call = conv["messages"][1]["tool_calls"][0]["function"]
@@ -297,32 +301,32 @@ def test_questions_need_the_image(sessions, heldout):
     best text-only predictor (majority answer per question text, fitted on other sessions) stays near chance."""
     answers: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for _, turn in all_turns(sessions):
-        answers[turn.qtype][turn.question][S.turn_label(turn)] += 1
-    for qtype in S.QTYPES:
+        answers[turn.qtype][turn.question][baselines.turn_label(turn)] += 1
+    for qtype in questions.QTYPES:
         common = {text: c for text, c in answers[qtype].items() if sum(c.values()) >= 20}
         assert common, qtype
         for text, counter in common.items():  # every frequent question text takes several answers
             assert len(counter) > 1 and max(counter.values()) / sum(counter.values()) < 0.8, (qtype, text, counter)
-    chance = S.chance_levels(heldout)
-    blind = S.blind_baseline(sessions, heldout)
-    assert set(blind) == set(S.QTYPES)
+    chance = baselines.chance_levels(heldout)
+    blind = baselines.blind_baseline(sessions, heldout)
+    assert set(blind) == set(questions.QTYPES)
     for qtype, accuracy in blind.items():
         assert accuracy <= chance[qtype] + 0.1, (qtype, accuracy, chance[qtype])
     assert chance["grounding"] < 0.2 and chance["count"] < 0.3
-    blank = S.blank_image()
-    assert blank.getextrema() == tuple((v, v) for v in S.BLANK_GREY)
-    assert all(max(abs(a - b) for a, b in zip(bg, S.BLANK_GREY)) > 60 for bg in S.BACKGROUNDS)
+    blank = world.blank_image()
+    assert blank.getextrema() == tuple((v, v) for v in world.BLANK_GREY)
+    assert all(max(abs(a - b) for a, b in zip(bg, world.BLANK_GREY)) > 60 for bg in world.BACKGROUNDS)
 
 
 def test_chance_levels_cover_every_qtype():
-    levels = S.chance_levels()
-    assert set(levels) == set(S.QTYPES)
+    levels = baselines.chance_levels()
+    assert set(levels) == set(questions.QTYPES)
     assert levels["colour"] == levels["tool_call"] == 0.25 and levels["shape"] == pytest.approx(1 / 3)
     assert all(0 < v <= 0.5 for v in levels.values())
 
 
 def test_demo_dataset_splits_and_manifest(tmp_path):
-    result = S.write_demo_dataset(tmp_path / "demo", n_train=80, n_heldout=40, seed=2)
+    result = writers.write_demo_dataset(tmp_path / "demo", n_train=80, n_heldout=40, seed=2)
     manifest = json.loads(result["manifest"].read_text())
     assert set(manifest["splits"]) == {"train", "heldout"} and manifest["splits"]["heldout"]["sessions"] == 40
     assert manifest["chance_levels"] == result["chance_levels"]
@@ -335,13 +339,14 @@ def test_demo_dataset_splits_and_manifest(tmp_path):
     held = list(load_conversations(result["heldout"]["cragmm"], "cragmm", cache_dir=tmp_path / "hf"))
     held += list(load_conversations(result["heldout"]["messages"], "messages", cache_dir=tmp_path / "hf"))
     assert len(train) == 80 and len(held) == 40
-    seen = {S.image_hash(i) for c in train for i in c["images"]}
-    assert not any(S.image_hash(i) in seen for c in held for i in c["images"])
+    seen = {writers.image_hash(i) for c in train for i in c["images"]}
+    assert not any(writers.image_hash(i) in seen for c in held for i in c["images"])
 
 
 def test_colour_sentences_change_only_the_colour_answers(tmp_path):
-    words = S.write_demo_dataset(tmp_path / "words", n_train=60, n_heldout=30, seed=3)
-    sentences = S.write_demo_dataset(tmp_path / "sentences", n_train=60, n_heldout=30, seed=3, colour_sentences=True)
+    words = writers.write_demo_dataset(tmp_path / "words", n_train=60, n_heldout=30, seed=3)
+    sentences = writers.write_demo_dataset(tmp_path / "sentences", n_train=60, n_heldout=30, seed=3,
+                                           colour_sentences=True)
     assert json.loads(sentences["manifest"].read_text())["world"]["colour_answers"] == "sentences"
     changed = 0
     for split, fmt in (("heldout", "cragmm"), ("heldout", "messages"), ("train", "cragmm")):
@@ -350,7 +355,7 @@ def test_colour_sentences_change_only_the_colour_answers(tmp_path):
         assert len(a) == len(b)
         for x, y in zip(a, b):
             assert [i.tobytes() for i in x["images"]] == [i.tobytes() for i in y["images"]]
-            for qtype, (mx, my) in zip(S.conversation_qtypes(x), _answers(x, y)):
+            for qtype, (mx, my) in zip(writers.conversation_qtypes(x), _answers(x, y)):
                 if qtype == "colour":  # "red" -> "The circle is red."
                     assert re.fullmatch(rf"The (circle|square|triangle) is {mx}\.", my), (mx, my)
                     changed += 1
@@ -372,3 +377,49 @@ def _answers(x, y):
 
     return list(zip(last_answers(x), last_answers(y)))
 
+
+
+def test_the_bench_writes_the_world_through_the_writer_program_byte_for_byte(tmp_path):
+    """`n2eye bench` may not import the demo: it runs `python -m n2eye.demo.writers` instead, and must get the same
+    files as `write_demo_dataset` (same sessions, same seed), so that its training figures do not move."""
+    from n2eye.bench import write_shapes_world
+
+    program = write_shapes_world(tmp_path / "program", 24, 6)
+    direct = writers.write_demo_dataset(tmp_path / "direct", 24, 6, seed=0, size=96)
+    for split in ("train", "heldout"):
+        assert {k: v and Path(v).name for k, v in program[split].items()} == \
+            {k: v and v.name for k, v in direct[split].items()}  # fmt: skip
+    assert Path(program["manifest"]) == tmp_path / "program" / "manifest.json"
+    def files(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+    assert files(tmp_path / "program") == files(tmp_path / "direct")
+    for name in files(tmp_path / "direct"):
+        assert (tmp_path / "program" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes(), name
+
+
+def test_nothing_outside_the_demo_imports_it():
+    """The demo is a leaf of n2eye (DESIGN.md, Layout): the CLI names its module in a string, the bench runs its
+    writer as a program, and no module outside `n2eye/demo/` imports it."""
+    import ast
+
+    import n2eye
+
+    root = Path(n2eye.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.parent == root / "demo":
+            continue
+        package = ["n2eye", *path.parent.relative_to(root).parts]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            if any(t == "n2eye.demo" or t.startswith("n2eye.demo.") for t in targets):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders

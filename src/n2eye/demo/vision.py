@@ -17,45 +17,45 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import synthetic
+from . import world
 
 BOX_EDGES = ("x1", "y1", "x2", "y2")
-SIDES = {"x": ("left", "right"), "y": ("top", "bottom")}  # the words a position answer gives (`synthetic.side_of`)
+SIDES = {"x": ("left", "right"), "y": ("top", "bottom")}  # the words a position answer gives (`world.side_of`)
 
 
 def edge_classes(image_size: int) -> int:
     """Classes of one box-edge probe: the edge's pixel coordinate in SNAP steps (0..image_size), plus empty."""
-    return image_size // synthetic.SNAP + 2
+    return image_size // world.SNAP + 2
 
 
-def cell_labels(scene: synthetic.Scene) -> dict[str, list[int]]:
+def cell_labels(scene: world.Scene) -> dict[str, list[int]]:
     """Per cell (row-major), the class index of its colour, shape and size and of each edge of its object's box
     (`BOX_EDGES`, in SNAP-pixel steps; the last class of each: empty), the cell's row and column: where each
     token sits, which position and grounding answers need, and the side its object is clearly on (`SIDES`; the
     last class: near the middle, or empty). The box edges are what a grounding answer prints;
     with only the size and the cell to go on, the language model printed boxes of a middling size (IoU ~0.7
     on the right object)."""
-    cells = synthetic.GRID * synthetic.GRID
-    sizes = synthetic.object_sides(scene.size)
+    cells = world.GRID * world.GRID
+    sizes = world.object_sides(scene.size)
     empty_edge = edge_classes(scene.size) - 1
     labels = {
-        "colour": [len(synthetic.COLOURS)] * cells,
-        "shape": [len(synthetic.SHAPES)] * cells,
+        "colour": [len(world.COLOURS)] * cells,
+        "shape": [len(world.SHAPES)] * cells,
         "size": [len(sizes)] * cells,
-        "row": [cell // synthetic.GRID for cell in range(cells)],
-        "column": [cell % synthetic.GRID for cell in range(cells)],
+        "row": [cell // world.GRID for cell in range(cells)],
+        "column": [cell % world.GRID for cell in range(cells)],
         **{edge: [empty_edge] * cells for edge in BOX_EDGES},
         **{f"side_{axis}": [len(SIDES[axis])] * cells for axis in SIDES},
     }
     for obj in scene.objects:
         cell = obj.cell(scene.size)
-        labels["colour"][cell] = synthetic.COLOURS.index(obj.colour)
-        labels["shape"][cell] = synthetic.SHAPES.index(obj.shape)
+        labels["colour"][cell] = world.COLOURS.index(obj.colour)
+        labels["shape"][cell] = world.SHAPES.index(obj.shape)
         labels["size"][cell] = sizes.index(obj.size)
         for edge, pixel in zip(BOX_EDGES, obj.bbox):
-            labels[edge][cell] = pixel // synthetic.SNAP
+            labels[edge][cell] = pixel // world.SNAP
         for axis, words in SIDES.items():
-            side = synthetic.side_of(obj, axis, scene.size)
+            side = world.side_of(obj, axis, scene.size)
             labels[f"side_{axis}"][cell] = words.index(side) if side else len(words)
     return labels
 
@@ -64,9 +64,9 @@ def _cell_features(model, grids: torch.Tensor) -> torch.Tensor:
     """(images, cells, channels): the vision grids pixel-unshuffled as the projector sees them."""
     merged = model.model.multi_modal_projector.pixel_unshuffle(grids)
     n, h, w, c = merged.shape
-    if h * w != synthetic.GRID * synthetic.GRID:
+    if h * w != world.GRID * world.GRID:
         raise ValueError(
-            f"vision pretraining needs one image token per grid cell ({synthetic.GRID}x{synthetic.GRID}); "
+            f"vision pretraining needs one image token per grid cell ({world.GRID}x{world.GRID}); "
             f"this model makes {h}x{w}"
         )
     return merged.reshape(n, h * w, c)
@@ -98,8 +98,8 @@ def pretrain_vision_tower(
     tower.requires_grad_(True)
     config = model.config
     channels = config.vision_config.hidden_size * config.projector_factor**2
-    classes = {"colour": len(synthetic.COLOURS) + 1, "shape": len(synthetic.SHAPES) + 1,
-               "size": len(synthetic.object_sides(image_size)) + 1, "row": synthetic.GRID, "column": synthetic.GRID,
+    classes = {"colour": len(world.COLOURS) + 1, "shape": len(world.SHAPES) + 1,
+               "size": len(world.object_sides(image_size)) + 1, "row": world.GRID, "column": world.GRID,
                **({edge: edge_classes(image_size) for edge in BOX_EDGES} if box_edges else {})}  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     heads = nn.ModuleDict({name: nn.Linear(channels, n) for name, n in classes.items()})
@@ -114,7 +114,7 @@ def pretrain_vision_tower(
     tower.train()
     bar = tqdm(range(steps), desc="vision pretraining", unit="step", disable=not progress)
     for _ in bar:
-        scenes = [synthetic.make_scene(rng, image_size) for _ in range(batch_size)]
+        scenes = [world.make_scene(rng, image_size) for _ in range(batch_size)]
         loss, _ = _probe_loss(model, processor, heads, scenes, word_ids)
         loss.backward()
         optimizer.step()
@@ -123,14 +123,14 @@ def pretrain_vision_tower(
     tower.eval()
     with torch.no_grad():
         held = random.Random(seed + 104729)
-        _, accuracy = _probe_loss(model, processor, heads, [synthetic.make_scene(held, image_size) for _ in range(256)],
+        _, accuracy = _probe_loss(model, processor, heads, [world.make_scene(held, image_size) for _ in range(256)],
                                   word_ids)
     tower.requires_grad_(False)
     model.config.freeze_vision = True
     return {"steps": steps, "batch_size": batch_size, "cell_accuracy": accuracy}
 
 
-def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[synthetic.Scene], word_ids=None):
+def _probe_loss(model, processor, heads: nn.ModuleDict, scenes: list[world.Scene], word_ids=None):
     pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
     grids = torch.stack(model.model.encode_images(pixels))
     features = _cell_features(model, grids)

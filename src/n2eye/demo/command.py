@@ -3,7 +3,7 @@
 Steps (each resumable: run the same command again after an interruption):
 1. the synthetic shapes world (CRAG-MM v0.1.2 parquet + a messages JSONL for two-image and tool-call sessions);
 2. a small N2-Eye sized for CPU; no pretrained encoder exists offline, so its vision tower is first pretrained on
-   the world's labelled grid cells (`demo_vision`), then frozen as in the real recipe;
+   the world's labelled grid cells (`demo.vision`), then frozen as in the real recipe;
 3. `n2eye train` on it (the real training path: projector and language model, checkpoints every few steps);
 4. `n2eye eval` on held-out sessions, again with every image blanked to grey (the text-prior baseline);
 5. a loss curve, a picture of held-out questions with answers and predicted boxes, a table beside chance,
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_writable, default_generation_config, save_checkpoint
+from ..checkpoint import check_writable, default_generation_config, save_checkpoint
 
 
 @dataclass
@@ -46,7 +46,7 @@ class DemoConfig:
 # closed call). Float32: bf16 autocast is faster per step but lost the learned circuits. What each setting bought,
 # measured, and what was tried and not kept: docs/demo-notes.md. In short:
 # - align_projector: the vision pretraining also aligns the projector with the language model's word embeddings
-#   (each image token reads as its cell's colour, shape and box numbers, `demo_vision`), as an LLaVA-style
+#   (each image token reads as its cell's colour, shape and box numbers, `demo.vision`), as an LLaVA-style
 #   alignment stage does: the language model starts from features it can copy instead of forming each
 #   question-to-image circuit by chance, which is what made the runs differ between seeds and CPU kinds;
 # - conv_kernel 10 (LFM2's is 3): the short convolution carries the question's object word (7-8 tokens back,
@@ -67,7 +67,7 @@ QUICK = {"n_train": 1500, "n_heldout": 200, "steps": 950, "batch_size": 7, "pack
 # The issue's held-out targets for the full run (grounding: mean IoU); result.json and the printout show each.
 TARGETS = {"colour": 0.9, "count": 0.9, "shape": 0.8, "position": 0.8, "grounding": 0.5}
 IMAGE_SIZE = 96
-# The demo's tokenizer also learns the world's phrasing (`synthetic.tokenizer_corpus`); 2048 leaves room for every
+# The demo's tokenizer also learns the world's phrasing (`writers.tokenizer_corpus`); 2048 leaves room for every
 # two-decimal coordinate to stay one "NN" token (at 1024 the world's words crowd some out: "0.45" -> 0 . 4 5).
 DEMO_VOCAB = 2048
 VISION_PRETRAIN_STEPS = 150  # per-cell probes are ~100% right after ~50 steps of 64 scenes (a few seconds)
@@ -86,12 +86,12 @@ def demo_model(
     """A CPU-sized N2-Eye: LFM2 (hidden 128, one short-convolution layer then `attention_layers` attention layers:
     a grounding coordinate takes more hops than a one-word answer: the label, its object, which number) + SigLIP
     (96 px, patch 16, 1 layer) + pixel-unshuffle projector: 9 image tokens, one per cell of the shapes world's
-    3x3 grid. `image_mean`/`image_std`: the training images' statistics (`synthetic.pixel_statistics`), saved in
+    3x3 grid. `image_mean`/`image_std`: the training images' statistics (`world.pixel_statistics`), saved in
     the processor for inference."""
     from transformers import Lfm2Config, SiglipImageProcessor, SiglipVisionConfig
 
-    from .build import add_special_tokens, make_config, make_processor
-    from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
+    from ..build import add_special_tokens, make_config, make_processor
+    from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 
     add_special_tokens(tokenizer)
     text_config = Lfm2Config(
@@ -129,19 +129,20 @@ def demo_model(
 def word_ids(tokenizer, box_edges: bool = False) -> dict[str, list[list[int]]]:
     """Per colour, shape and side of the world, the token ids naming it: alone ("red", a bare answer), after a
     space (" red", in a question or a sentence) and, for shapes, plural (" circles", in counting questions). With
-    `box_edges`, also per box edge (`demo_vision.BOX_EDGES`) and pixel class, the token of the two decimals a
+    `box_edges`, also per box edge (`vision.BOX_EDGES`) and pixel class, the token of the two decimals a
     grounding answer prints for it ("40" of "0.40")."""
-    from .data import synthetic
-    from .demo_vision import BOX_EDGES, SIDES, edge_classes
+    from .questions import plural
+    from .vision import BOX_EDGES, SIDES, edge_classes
+    from .world import COLOURS, SHAPES, SNAP
 
     def ids(*words: str) -> list[int]:
         return [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
 
-    words = {"colour": [ids(c, " " + c) for c in synthetic.COLOURS],
-             "shape": [ids(s, " " + s, " " + synthetic.plural(s)) for s in synthetic.SHAPES],
+    words = {"colour": [ids(c, " " + c) for c in COLOURS],
+             "shape": [ids(s, " " + s, " " + plural(s)) for s in SHAPES],
              **{f"side_{axis}": [ids(w, " " + w) for w in sides] for axis, sides in SIDES.items()}}  # fmt: skip
     if box_edges:
-        pixels = [c * synthetic.SNAP for c in range(edge_classes(IMAGE_SIZE) - 1)]
+        pixels = [c * SNAP for c in range(edge_classes(IMAGE_SIZE) - 1)]
         decimals = [ids(f"{min(1.0, p / IMAGE_SIZE):.2f}"[2:]) for p in pixels]
         words.update({edge: decimals for edge in BOX_EDGES})
     return words
@@ -157,12 +158,14 @@ def _mark_done(path: Path, info: dict | None = None) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Runs (or resumes) the demo and returns the result dict also written to out/result.json."""
-    from .data.synthetic import EARLIER_MIDDLE_MODES, chance_levels, tokenizer_corpus, write_demo_dataset
-    from .eval.runner import EvalConfig, evaluate
-    from .eval.scoring import format_table
-    from .fixtures import train_tiny_tokenizer
-    from .train.config import TrainConfig
-    from .train.trainer import train
+    from ..eval.runner import EvalConfig, evaluate
+    from ..eval.scoring import format_table
+    from ..fixtures import train_tiny_tokenizer
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
+    from .baselines import chance_levels
+    from .questions import EARLIER_MIDDLE_MODES
+    from .writers import tokenizer_corpus, write_demo_dataset
 
     settings = dict(QUICK if cfg.quick else FULL)
     if cfg.steps:
@@ -184,7 +187,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data_dir = out / "data"
     if not _stage_done(data_dir):
         shutil.rmtree(data_dir, ignore_errors=True)
-        mix = EARLIER_MIDDLE_MODES if settings["earlier_question_mix"] else None  # None: synthetic.MIDDLE_MODES
+        mix = EARLIER_MIDDLE_MODES if settings["earlier_question_mix"] else None  # None: questions.MIDDLE_MODES
         written = write_demo_dataset(data_dir, settings["n_train"], settings["n_heldout"], seed=cfg.seed,
                                      size=IMAGE_SIZE, colour_sentences=settings["colour_sentences"],
                                      middle_modes=mix)  # fmt: skip
@@ -198,7 +201,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print("[2/5] model, and its vision tower pretrained on the world's labelled grid cells (then frozen)")
     init_dir = out / "model-init"
     if not _stage_done(init_dir):
-        from .demo_vision import pretrain_vision_tower
+        from .vision import pretrain_vision_tower
 
         if settings["world_tokenizer"]:
             tokenizer = train_tiny_tokenizer(out / "tokenizer", vocab_size=DEMO_VOCAB, extra_corpus=tokenizer_corpus())
@@ -236,7 +239,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     print("[4/5] held-out evaluation (real images, then every image blanked to grey)")
     t0 = time.perf_counter()
-    from .infer.engine import load
+    from ..infer.engine import load
 
     engine = load(model_dir)
     real = evaluate(EvalConfig(model=str(model_dir), data=heldout_spec, out=str(out / "eval.json")), engine)
@@ -249,7 +252,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print("[5/5] figures and one question through the Python API")
     chance = chance_levels()
     table = format_table(real["per_type"], chance, blank["per_type"])
-    from .demo_figures import draw_heldout_examples
+    from .figures import draw_heldout_examples
 
     shutil.rmtree(out / "images", ignore_errors=True)
     example = draw_heldout_examples(engine, heldout_spec, out / "heldout_examples.png", images_dir=out / "images")
@@ -314,6 +317,6 @@ def _targets(per_type: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _machine() -> str:
-    from .bench import machine_name
+    from ..bench import machine_name
 
     return machine_name()
