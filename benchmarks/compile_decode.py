@@ -1,4 +1,4 @@
-"""Do torch.compile and a static cache pay for decode on this CPU? Our greedy loop on PyTorch's kernels, on our
+"""Do torch.compile and a static cache pay for decode on this CPU? `generate` (greedy) on PyTorch's kernels, on our
 exact fast paths (`n2eye.load`'s default), with transformers' StaticCache (preallocated KV, LFM2's conv states
 in it too) instead of the dynamic cache, with the forward under `torch.compile(dynamic=True)`, and the two
 together (`torch.compile` without dynamic shapes on the static cache: one graph for every step, the way
@@ -30,8 +30,7 @@ def main() -> None:
 
     from transformers import StaticCache
 
-    from n2eye.bench import machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
-    from n2eye.infer.decode import greedy_decode
+    from n2eye.bench import greedy_generate, machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
     from n2eye.infer.fast_decode import use_fast_decode
 
     model, ids = random_decode_setup(args.preset)
@@ -40,7 +39,7 @@ def main() -> None:
     compiled = weight_sharing_copy(model)
     compiled.forward = torch.compile(compiled.forward, dynamic=True)
     start = time.perf_counter()
-    greedy_decode(compiled, ids, 4)
+    greedy_generate(compiled, ids, 4)
     compile_s = time.perf_counter() - start
     cache_len = ids.shape[1] + args.new_tokens + 1  # one length for every call: the static graph compiles once
 
@@ -50,17 +49,17 @@ def main() -> None:
     compiled_static = weight_sharing_copy(model)
     compiled_static.forward = torch.compile(compiled_static.forward, dynamic=False)
     start = time.perf_counter()
-    greedy_decode(compiled_static, ids, 4, cache=static_cache())
+    greedy_generate(compiled_static, ids, 4, static_cache())
     compile_static_s = time.perf_counter() - start
     generators = {
-        "pytorch_kernels": lambda k: greedy_decode(model, ids, k),
-        "fast_paths": lambda k: greedy_decode(fast, ids, k),
-        "static_cache": lambda k: greedy_decode(model, ids, k, cache=static_cache()),
-        "compiled": lambda k: greedy_decode(compiled, ids, k),
-        "compiled_static_cache": lambda k: greedy_decode(compiled_static, ids, k, cache=static_cache()),
+        "pytorch_kernels": lambda k: greedy_generate(model, ids, k),
+        "fast_paths": lambda k: greedy_generate(fast, ids, k),
+        "static_cache": lambda k: greedy_generate(model, ids, k, static_cache()),
+        "compiled": lambda k: greedy_generate(compiled, ids, k),
+        "compiled_static_cache": lambda k: greedy_generate(compiled_static, ids, k, static_cache()),
     }
     rates = paired_decode_rates(generators, args.new_tokens, args.rounds)
-    eager_tokens = greedy_decode(model, ids, args.new_tokens)[0]
+    eager_tokens = greedy_generate(model, ids, args.new_tokens)[0]
     result = {
         "machine": machine_name(),
         "preset": args.preset,

@@ -1,4 +1,4 @@
-"""Each CPU decode fast path on its own, side by side in one run (bf16, greedy, our decode loop):
+"""Each CPU decode fast path on its own, side by side in one run (bf16, greedy, through `generate`):
 PyTorch's kernels, + the fused short conv (exact: what `n2eye.load` runs), + our bf16 matrix-vector kernel
 (opt-in: `bf16_kernel=True`), both.
 
@@ -27,8 +27,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/decode_pieces.json")
     args = parser.parse_args()
 
-    from n2eye.bench import machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
-    from n2eye.infer.decode import greedy_decode
+    from n2eye.bench import greedy_generate, machine_name, paired_decode_rates, random_decode_setup, weight_sharing_copy
     from n2eye.infer.fast_decode import use_bf16_decode_kernel, use_fast_short_conv
 
     model, ids = random_decode_setup(args.preset)
@@ -43,9 +42,9 @@ def main() -> None:
     for name, enable in variants.items():
         models[name] = model if name == "pytorch_kernels" else weight_sharing_copy(model)
         enable(models[name])
-    generators = {name: (lambda k, m=m: greedy_decode(m, ids, k)) for name, m in models.items()}
+    generators = {name: (lambda k, m=m: greedy_generate(m, ids, k)) for name, m in models.items()}
     rates = paired_decode_rates(generators, args.new_tokens, args.rounds)  # alternating: host noise hits all alike
-    tokens = {name: greedy_decode(m, ids, args.new_tokens)[0] for name, m in models.items()}
+    tokens = {name: greedy_generate(m, ids, args.new_tokens)[0] for name, m in models.items()}
     for name in variants:
         result[f"{name}_tokens_per_s"] = rates[name]
         result[f"{name}_same_tokens"] = torch.equal(tokens[name], tokens["pytorch_kernels"])

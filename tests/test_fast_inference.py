@@ -1,4 +1,4 @@
-"""Fast inference pieces: weight-only int8/int4 linears, the greedy decode loop, and `n2eye bench`."""
+"""Fast inference pieces: weight-only int8/int4 linears, the CPU decode fast paths (through `generate`), and `n2eye bench`."""
 
 from __future__ import annotations
 
@@ -84,20 +84,12 @@ def test_quantize_replaces_lm_linears_and_head_but_not_vision(tiny_checkpoint):
         quantize_language_model(model, "int3")
 
 
-def test_greedy_decode_equals_generate_and_int8_stays_close(tiny_checkpoint):
-    from n2eye.infer.decode import greedy_decode
+def test_int8_logits_stay_close(tiny_checkpoint):
     from n2eye.infer.quantize import quantize_language_model
     from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
 
     model = _spread_weights(N2EyeForConditionalGeneration.from_pretrained(tiny_checkpoint).eval())
     ids = torch.randint(20, model.config.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                             do_sample=False, repetition_penalty=1.0)[:, 24:]  # fmt: skip
-    ours, cache = greedy_decode(model, ids, 20)
-    assert len(set(ref[0].tolist())) > 3, "the test model must not repeat one token"
-    assert torch.equal(ours, ref)
-    assert cache.get_seq_length() == 24 + 19  # the last token is returned, not yet run
     with torch.inference_mode():
         full = model(input_ids=ids).logits[0, -1]
     quantize_language_model(model, "int8")
@@ -224,20 +216,20 @@ def test_bf16_kernel_rounds_to_what_pytorch_linear_gives(rows, in_features):
 
 def test_bf16_decode_kernel_keeps_weights_ties_and_greedy_tokens(tiny_checkpoint):
     from n2eye.infer.fast_decode import Bf16DecodeLinear, use_bf16_decode_kernel
-    from n2eye.infer.decode import greedy_decode
+    from n2eye.bench import greedy_generate
     from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
 
     _bf16_kernel_or_skip()
     model = _spread_weights(N2EyeForConditionalGeneration.from_pretrained(tiny_checkpoint)).to(torch.bfloat16).eval()
     ids = torch.randint(20, model.config.text_config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
-    ref, _ = greedy_decode(model, ids, 24)
+    ref, _ = greedy_generate(model, ids, 24)
     keys = list(model.state_dict())
     assert use_bf16_decode_kernel(model) > 0
     assert isinstance(model.lm_head, Bf16DecodeLinear)
     assert model.lm_head.weight is model.get_input_embeddings().weight  # the tie survives
     assert list(model.state_dict()) == keys
     assert not any(isinstance(m, Bf16DecodeLinear) for m in model.model.vision_tower.modules())
-    ours, _ = greedy_decode(model, ids, 24)
+    ours, _ = greedy_generate(model, ids, 24)
     assert len(set(ref[0].tolist())) > 3 and torch.equal(ours, ref)
 
 
@@ -259,7 +251,7 @@ def test_load_runs_the_bf16_kernel_only_when_asked(tiny_checkpoint):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_checkpoint, dtype, monkeypatch):
     from n2eye.infer import fast_decode
-    from n2eye.infer.decode import greedy_decode
+    from n2eye.bench import greedy_generate
     from n2eye.infer.fast_decode import use_fast_short_conv
     from n2eye.kernels import unavailable_reason
     from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
@@ -268,7 +260,7 @@ def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_
         pytest.skip(f"fast kernels unavailable: {unavailable_reason()}")
     model = _spread_weights(N2EyeForConditionalGeneration.from_pretrained(tiny_checkpoint)).to(dtype).eval()
     ids = torch.randint(20, model.config.text_config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(3))
-    ref, ref_cache = greedy_decode(model, ids, 24)
+    ref, ref_cache = greedy_generate(model, ids, 24)
     with torch.inference_mode():
         ref_generate = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                       min_new_tokens=24, do_sample=False, repetition_penalty=1.0)[:, 16:]  # fmt: skip
@@ -284,7 +276,7 @@ def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_
 
     monkeypatch.setattr(fast_decode, "_kernels", Counting)
     assert list(model.state_dict()) == keys
-    ours, cache = greedy_decode(model, ids, 24)
+    ours, cache = greedy_generate(model, ids, 24)
     with torch.inference_mode():
         ours_generate = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
                                        min_new_tokens=24, do_sample=False, repetition_penalty=1.0)[:, 16:]  # fmt: skip

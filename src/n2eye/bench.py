@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from .infer.fast_decode import use_fast_decode
-from .infer.decode import greedy_decode
 from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
 
 
@@ -138,11 +137,14 @@ def _record(name: str, unit: str, ours: float, reference: float | None, **extra:
     return {"name": name, "unit": unit, "ours": ours, "reference": reference, "ratio": ratio, "bound": None, **extra}
 
 
-def _reference_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+def greedy_generate(model, ids: torch.Tensor, n: int, cache=None) -> tuple[torch.Tensor, Any]:
+    """n greedy tokens through transformers' `generate`, the loop `n2eye.load(...).chat` runs (what ours and the
+    reference both time; they differ in the modules the model runs). Returns (new ids [1, n], the cache)."""
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, repetition_penalty=1.0)  # fmt: skip
-    return out[:, ids.shape[1]:]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, repetition_penalty=1.0, past_key_values=cache,
+                             return_dict_in_generate=True)  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], out.past_key_values
 
 
 def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -195,9 +197,9 @@ def paired_decode_rates(generators: dict[str, Any], n: int, repeats: int,
 
 
 def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, Any]]:
-    """decode_bf16 (what `n2eye.load` runs for bf16: our loop, the exact fused short conv), decode_bf16_kernel
+    """decode_bf16 (what `n2eye.load` runs for bf16: `generate` on the exact fused short conv), decode_bf16_kernel
     (+ the opt-in bf16 kernel) and decode_int8/int4 (quantized weights), each against plain transformers
-    `generate` in bf16 on the same weights, all timed in alternation in one loop, with the logit difference of
+    `generate` in bf16 on the same weights (one loop for all: `greedy_generate`, the one users run), all timed in alternation in one loop, with the logit difference of
     one decode step against bf16. The bandwidth is measured again after the loop and the best is the bound."""
     torch.manual_seed(0)
     vocab = model.config.text_config.vocab_size
@@ -218,8 +220,8 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
             print("  decode_bf16_kernel: no AVX-512 BF16 kernel on this CPU; skipped")
             continue
         variants[bits] = variant
-    generators = {"reference": lambda k: _reference_greedy(model, ids, k)}
-    generators.update({bits: (lambda k, v=v: greedy_decode(v, ids, k, end_ids=())) for bits, v in variants.items()})
+    generators = {"reference": lambda k: greedy_generate(model, ids, k)}
+    generators.update({bits: (lambda k, v=v: greedy_generate(v, ids, k)) for bits, v in variants.items()})
     rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds, cfg.device)
     bandwidth = max(bandwidth, memory_read_bandwidth(device=cfg.device))
     records = []
