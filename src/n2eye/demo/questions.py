@@ -61,14 +61,10 @@ TOOL_REQUESTS = {"lookup_price": "Look up the price of the {shape}.", "add_to_ca
 TWO_IMAGE_FRACTION = 0.1
 TWO_IMAGE_FOLLOW_UP = 0.6  # a two-image session goes on with a colour question about one of the images
 TOOL_FRACTION = 0.1
-# A session may open with one counting turn: counts shift which shapes (colours) later answers favour, so at
-# most one per session, always first, and no shape (colour) question after a count of shapes (colours).
+# A session may open with one counting turn: counts shift which shapes later answers favour, so at most one
+# per session, always first, and no shape question or yes/no about a counted shape after it.
 # yes/no is an opening too: anything known about the scene shifts which pairs are present.
-# Counting by colour ("How many red objects are there?") trains finding an object by its colour, which only
-# shape questions did before: colour questions (found by shape) were 100% right and shape questions 74% (seed 1,
-# 1500 held-out sessions, 2026-12-06), their errors spread over every colour, shape and turn.
-OPENING_WEIGHTS = {"none": 0.25, "yes_no": 0.15, "count-objects": 0.15, "count-shape": 0.2, "count-colour": 0.15,
-                   "more": 0.1}  # fmt: skip
+OPENING_WEIGHTS = {"none": 0.25, "yes_no": 0.15, "count-objects": 0.15, "count-shape": 0.35, "more": 0.1}
 GROUNDING_PROBABILITY = 0.4  # a session ends with one grounding request
 # Middle turns: a session asks about colours, shapes or sizes ("bigger"), chosen blind to the scene, plus
 # positions; each question is drawn uniformly among those the scene allows. Mixing colour, shape and size
@@ -91,7 +87,6 @@ DECKS: dict[str, tuple[str, ...]] = {
     "two_image": ("first", "second"),
     "count-objects": ("1", "2", "3", "4"),
     "count-shape": ("0", "1", "2", "3", "4"),
-    "count-colour": ("0", "1", "2", "3", "4"),
 }
 DECK_BLOCK = 25  # copies of each class per shuffled block
 MIN_TURNS, MAX_TURNS = 2, 6
@@ -184,7 +179,6 @@ class _Candidate:
     turn: Turn
     pairs: dict[tuple[str, str], bool] = field(default_factory=dict)
     shapes: tuple[str, ...] = ()  # shapes whose count becomes (partly) known
-    colours: tuple[str, ...] = ()  # colours whose count becomes known
     position: tuple[str, str, str] | None = None  # (colour, shape, axis)
     kind: str = ""  # "bigger", "more", "count", ... (default: the turn's qtype)
 
@@ -319,14 +313,6 @@ def _opening(rng: random.Random, decks: _Decks, size: int) -> tuple[_Candidate |
         rng.shuffle(shapes)
         turn = Turn(f"How many {plural(shape)} are there?", str(k), "count")
         return _Candidate(turn, shapes=(shape,), kind="count"), make_scene(rng, size, shapes=shapes)
-    if kind == "count-colour":
-        colour = rng.choice(COLOURS)
-        k = int(decks.deal(kind))
-        others = [c for c in COLOURS if c != colour]
-        colours = [colour] * k + [rng.choice(others) for _ in range(rng.randint(max(k, MIN_OBJECTS), MAX_OBJECTS) - k)]
-        rng.shuffle(colours)
-        turn = Turn(f"How many {colour} objects are there?", str(k), "count")
-        return _Candidate(turn, colours=(colour,), kind="count"), make_scene(rng, size, colours=colours)
     a, b = rng.sample(SHAPES, 2)
     while (scene := make_scene(rng, size)).count(a) == scene.count(b):
         pass
@@ -363,8 +349,6 @@ def _cragmm_session(
             del modes["comparison"]  # "bigger" needs nothing known about the scene's colours and shapes
         if opening is not None and opening.shapes:
             del modes["shape"]  # known counts make some shapes likelier
-        if opening is not None and opening.colours:
-            del modes["colour"]  # ... and some colours
         mode = rng.choices(list(modes), weights=list(modes.values()))[0]
         if mode == "comparison" and opening is None:  # a fresh scene with a clear size difference to ask about
             while not _bigger_candidates(scene, know):
