@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
+    Siglip2ImageProcessor,
     SiglipImageProcessor,
 )
 
@@ -43,6 +45,8 @@ REQUIRED_SPECIAL_TOKENS = (
     "<|image_end|>",
 )
 _VISION_CONTAINER_TYPES = {"siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model"}
+# Bundled preprocessor configs name their class; NaFlex encoders (SigLIP2 *-naflex) use Siglip2ImageProcessor.
+_IMAGE_PROCESSORS = {"SiglipImageProcessor": SiglipImageProcessor, "Siglip2ImageProcessor": Siglip2ImageProcessor}
 
 
 @dataclass
@@ -52,7 +56,8 @@ class BuildConfig:
     out: str
     """Folder to write the checkpoint to (replaced atomically if it exists)."""
     preset: str | None = None
-    """Named recipe (`tiny`, `n2eye-1.3b`); sets lm, vision and projector unless given."""
+    """Named recipe (`tiny`, `n2eye-1.3b`, `lfm2-vl-450m`, `lfm2-vl-1.6b`); sets lm, vision and projector unless
+    given."""
     lm: str | None = None
     """LFM2 language model: hub id or local folder."""
     vision: str | None = None
@@ -168,28 +173,67 @@ def make_processor(tokenizer, image_processor, config: N2EyeConfig) -> N2EyeProc
     )
 
 
-def make_config(text_config, vision_config, tokenizer, projector: str, vision_feature_layer: int = -1) -> N2EyeConfig:
+def make_config(
+    text_config,
+    vision_config,
+    tokenizer,
+    projector: str,
+    vision_feature_layer: int = -1,
+    projector_hidden_size: int | None = None,
+    vision_layers: int | None = None,
+) -> N2EyeConfig:
+    """projector_hidden_size: the projector MLP's width (None: the LM hidden size); vision_layers: keep only the
+    vision tower's first N encoder layers (None: all)."""
     text_config.bos_token_id = tokenizer.bos_token_id
     text_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     text_config.pad_token_id = tokenizer.pad_token_id
+    vision_dict = vision_config.to_dict()
+    if vision_layers is not None:
+        if not 1 <= vision_layers <= vision_dict["num_hidden_layers"]:
+            raise ValueError(
+                f"vision_layers={vision_layers}: the vision encoder has {vision_dict['num_hidden_layers']} layers."
+            )
+        vision_dict["num_hidden_layers"] = vision_layers
     return N2EyeConfig(
         text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
+        vision_config=vision_dict,
         projector_type=projector,
+        projector_hidden_size=projector_hidden_size,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer,
         tie_word_embeddings=True,
     )
 
 
-def assemble(lm, tokenizer, vision, image_processor, projector: str = "mlp", vision_feature_layer: int = -1, seed: int = 0):
+_VISION_LAYER_KEY = re.compile(r"(?:^|\.)encoder\.layers\.(\d+)\.")
+
+
+def assemble(
+    lm,
+    tokenizer,
+    vision,
+    image_processor,
+    projector: str = "mlp",
+    vision_feature_layer: int = -1,
+    seed: int = 0,
+    projector_hidden_size: int | None = None,
+    vision_layers: int | None = None,
+):
     """Builds an N2-Eye from loaded backbones: adds tokens, copies weights, resizes tied embeddings."""
     add_special_tokens(tokenizer)
-    config = make_config(lm.config, vision.config, tokenizer, projector, vision_feature_layer)
+    config = make_config(
+        lm.config, vision.config, tokenizer, projector, vision_feature_layer, projector_hidden_size, vision_layers
+    )
     torch.manual_seed(seed)
     model = N2EyeForConditionalGeneration(config).to(lm.dtype)
     model.model.language_model.load_state_dict(lm.model.state_dict())
-    vision_state = {k: v for k, v in vision.state_dict().items() if not k.startswith("head.")}
+    n_layers = config.vision_config.num_hidden_layers
+    vision_state = {
+        k: v
+        for k, v in vision.state_dict().items()
+        if not k.startswith("head.")
+        and not ((m := _VISION_LAYER_KEY.search(k)) and int(m.group(1)) >= n_layers)  # layers dropped by the preset
+    }
     model.model.vision_tower.load_state_dict(vision_state)
     if config.freeze_vision:
         model.model.vision_tower.requires_grad_(False)
@@ -209,10 +253,19 @@ def build_random(preset_name: str, seed: int = 0):
         return build_from_sources(*_tiny_sources(), projector=preset.projector, seed=seed)
     text_config = AutoConfig.for_model(**load_bundled_json(preset.lm_config))
     vision_config = AutoConfig.for_model(**load_bundled_json(preset.vision_config))
-    image_processor = SiglipImageProcessor(**_without_type(load_bundled_json(preset.image_processor_config)))
+    processor_config = load_bundled_json(preset.image_processor_config)
+    image_processor_class = _IMAGE_PROCESSORS[processor_config.get("image_processor_type", "SiglipImageProcessor")]
+    image_processor = image_processor_class(**_without_type(processor_config))
     tokenizer = train_tiny_tokenizer(cache_dir() / "tokenizer")
     add_special_tokens(tokenizer)
-    config = make_config(text_config, vision_config, tokenizer, preset.projector)
+    config = make_config(
+        text_config,
+        vision_config,
+        tokenizer,
+        preset.projector,
+        projector_hidden_size=preset.projector_hidden_size,
+        vision_layers=preset.vision_layers,
+    )
     torch.manual_seed(seed)
     model = N2EyeForConditionalGeneration(config).eval()
     return model, make_processor(tokenizer, image_processor, config)
@@ -229,11 +282,22 @@ def _tiny_sources() -> tuple[str, str]:
     return str(paths["lm"]), str(paths["vision"])
 
 
-def build_from_sources(lm: str, vision: str, projector: str = "mlp", vision_feature_layer: int = -1, seed: int = 0):
+def build_from_sources(
+    lm: str,
+    vision: str,
+    projector: str = "mlp",
+    vision_feature_layer: int = -1,
+    seed: int = 0,
+    projector_hidden_size: int | None = None,
+    vision_layers: int | None = None,
+):
     """Loads both backbones with `from_pretrained` (hub id or local folder) and assembles them."""
     lm_model, tokenizer = load_language_model(lm)
     vision_model, image_processor = load_vision_model(vision)
-    return assemble(lm_model, tokenizer, vision_model, image_processor, projector, vision_feature_layer, seed)
+    return assemble(
+        lm_model, tokenizer, vision_model, image_processor, projector, vision_feature_layer, seed,
+        projector_hidden_size, vision_layers,
+    )  # fmt: skip
 
 
 def build(cfg: BuildConfig) -> Path:
@@ -251,7 +315,14 @@ def build(cfg: BuildConfig) -> Path:
         else:
             lm = cfg.lm or preset.lm
             vision = cfg.vision or preset.vision
-        model, processor = build_from_sources(lm, vision, projector, cfg.vision_feature_layer, cfg.seed)
+        # The preset's projector width holds for its projector, its vision depth for its own vision encoder.
+        same_projector = preset is not None and projector == preset.projector
+        same_vision = preset is not None and cfg.vision is None
+        model, processor = build_from_sources(
+            lm, vision, projector, cfg.vision_feature_layer, cfg.seed,
+            projector_hidden_size=preset.projector_hidden_size if same_projector else None,
+            vision_layers=preset.vision_layers if same_vision else None,
+        )  # fmt: skip
     model.to(getattr(torch, cfg.dtype))
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable(cfg.out, need_bytes=n_bytes)
@@ -281,7 +352,11 @@ def build_and_report(cfg: BuildConfig) -> Path:
     text, vision = config.text_config, config.vision_config
     print(f"Built N2-Eye checkpoint in {out}")
     print(f"  language model: {text.model_type} hidden {text.hidden_size} x {text.num_hidden_layers} layers, vocab {text.vocab_size}")
-    print(f"  vision: {vision.model_type} {vision.image_size}px patch {vision.patch_size}; projector {config.projector_type}")
+    size = f"{vision.image_size}px" if hasattr(vision, "image_size") else "NaFlex (native resolution)"
+    print(
+        f"  vision: {vision.model_type} {size} patch {vision.patch_size}, {vision.num_hidden_layers} layers; "
+        f"projector {config.projector_type} (hidden {config.projector_hidden_size})"
+    )
     summary = json.loads((out / "n2eye_build.json").read_text())
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in summary["parameters"].items()))
     return out
