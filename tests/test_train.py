@@ -287,6 +287,51 @@ def test_trainer_args_reach_training_arguments_and_are_checked(tmp_path):
     assert own_training_arguments(cfg, has_eval=True).keys() == OWN_TRAINING_ARGUMENTS.keys()
 
 
+def test_training_arguments_are_exactly_what_the_flags_say(tmp_path):
+    """The whole TrainingArguments of a run, for the card's defaults and for a run that sets every computed option
+    (wsd, --save-every, --eval-every, --report-to), against a hard-written expectation: deriving n2eye's options
+    from TrainConfig's field metadata must not move one of them."""
+    from transformers import TrainingArguments
+
+    from n2eye.train.config import TrainConfig
+    from n2eye.train.trainer import own_training_arguments, training_arguments
+
+    always = {"activation_checkpointing_kwargs": {"use_reentrant": False}, "remove_unused_columns": False,
+              "include_num_input_tokens_seen": "non_padding", "use_cpu": not torch.cuda.is_available(),
+              "accelerator_config": {"dispatch_batches": False}}  # fmt: skip
+    card = TrainConfig(model="m", data="d", out=str(tmp_path / "card"))
+    card_expected = {
+        "output_dir": str(tmp_path / "card"), "num_train_epochs": 1.0, "max_steps": -1, "learning_rate": 2e-5,
+        "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {}, "per_device_train_batch_size": 2,
+        "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 4, "save_strategy": "no", "save_steps": 500,
+        "save_total_limit": 3, "eval_strategy": "no", "eval_steps": None,
+        "bf16": not torch.cuda.is_available() or torch.cuda.is_bf16_supported(), "activation_checkpointing": True,
+        "seed": 42, "data_seed": 42, "warmup_steps": 0.03, "weight_decay": 0.0, "logging_steps": 1, "report_to": [],
+        **always,
+    }  # fmt: skip
+    custom = TrainConfig(
+        model="m", data="d", out=str(tmp_path / "custom"), epochs=2.0, max_steps=100, lr=1e-3, lr_schedule="wsd",
+        decay_ratio=0.3, batch_size=4, grad_accum=1, eval_every=10, save_every=20, save_total_limit=1, bf16=False,
+        gradient_checkpointing=False, seed=7, warmup_ratio=0.1, weight_decay=0.01, logging_steps=5,
+        report_to="tensorboard,wandb", trainer_args=["max_grad_norm=0.5", "dataloader_num_workers=2"],
+    )  # fmt: skip
+    custom_expected = {
+        "output_dir": str(tmp_path / "custom"), "num_train_epochs": 2.0, "max_steps": 100, "learning_rate": 1e-3,
+        "lr_scheduler_type": "warmup_stable_decay", "lr_scheduler_kwargs": {"num_decay_steps": 30},
+        "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 1,
+        "save_strategy": "steps", "save_steps": 20, "save_total_limit": 1, "eval_strategy": "steps", "eval_steps": 10,
+        "bf16": False, "activation_checkpointing": False, "seed": 7, "data_seed": 7, "warmup_steps": 0.1,
+        "weight_decay": 0.01, "logging_steps": 5, "report_to": ["tensorboard", "wandb"], **always,
+    }  # fmt: skip
+    assert own_training_arguments(card, has_eval=False) == card_expected
+    assert own_training_arguments(custom, has_eval=True) == custom_expected
+    assert own_training_arguments(custom, has_eval=False)["eval_strategy"] == "no"  # --eval-every without --eval-data
+    for cfg, expected, extra in [(card, card_expected, {}),
+                                 (custom, custom_expected, {"max_grad_norm": 0.5, "dataloader_num_workers": 2})]:  # fmt: skip
+        built = TrainingArguments(**{"dataloader_num_workers": 0, "disable_tqdm": False, **extra, **expected})
+        assert training_arguments(cfg, has_eval=cfg is custom).to_dict() == built.to_dict()
+
+
 class CountVisionCalls(TrainerCallback):
     """Counts vision-tower forwards during training (after any feature-cache precompute)."""
 
