@@ -332,6 +332,32 @@ def test_training_arguments_are_exactly_what_the_flags_say(tmp_path):
         assert training_arguments(cfg, has_eval=cfg is custom).to_dict() == built.to_dict()
 
 
+def test_every_training_argument_field_names_a_real_option_and_has_help():
+    """Each `ta_field` names TrainingArguments options that exist, and its --help is never empty: its own docstring,
+    or transformers' help with the options n2eye owns written as n2eye's flags."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from n2eye.cli_args import field_help
+    from n2eye.train.config import OWN_TRAINING_ARGUMENTS, TrainConfig
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    helps = field_help(TrainConfig)
+    fields = [f for f in dataclasses.fields(TrainConfig) if "training_arguments" in f.metadata]
+    assert {f.name for f in fields} >= {"out", "epochs", "lr", "batch_size", "seed", "bf16", "save_every"}
+    for f in fields:
+        assert set(f.metadata["training_arguments"]) <= known, f.name
+        assert helps[f.name].strip(), f.name
+    assert set(OWN_TRAINING_ARGUMENTS) <= known
+    some = ("per_device_eval_batch_size", "data_seed", "warmup_steps", "lr_scheduler_kwargs", "use_cpu")
+    assert [OWN_TRAINING_ARGUMENTS[o] for o in some] == ["--batch-size", "--seed", "--warmup-ratio", "--decay-ratio", None]
+    assert helps["grad_accum"].endswith("Effective batch size = --batch-size * num_devices * --grad-accum.")
+    assert helps["max_steps"].startswith("Overrides --epochs.")
+    assert "~20% slower" in helps["gradient_checkpointing"]  # transformers' own "%%" escape undone
+    assert helps["lr"].startswith("Peak learning rate")  # n2eye's docstring, where it has something to add
+
+
 class CountVisionCalls(TrainerCallback):
     """Counts vision-tower forwards during training (after any feature-cache precompute)."""
 

@@ -1,6 +1,7 @@
 """Dataclass configs <-> argparse flags and YAML files, so every flag is also settable from `--config`.
 
-Field docstrings (a string literal right after the field) become the flag's help text; booleans get real
+Field docstrings (a string literal right after the field) become the flag's help text (else the field's
+metadata["help"], a string or a function called when the parser is built); booleans get real
 `--flag / --no-flag` switches (never `type=bool`, where "False" would parse as True).
 """
 
@@ -35,6 +36,17 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def field_help(cls: type) -> dict[str, str]:
+    """Maps field name -> its flag's help: the docstring under it, else its metadata["help"] (a function, for a
+    help read from a library too slow to import for every command)."""
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not docs.get(f.name) and "help" in f.metadata:
+            text = f.metadata["help"]
+            docs[f.name] = text() if callable(text) else text
+    return docs
+
+
 def _base_type(annotation: Any) -> type:
     """`int | None` -> int; `str` -> str."""
     origin = typing.get_origin(annotation)
@@ -48,7 +60,7 @@ def _base_type(annotation: Any) -> type:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per dataclass field (`out_dir` -> `--out-dir`), defaults left to the dataclass."""
-    docs = field_docs(cls)
+    docs = field_help(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")

@@ -2,12 +2,18 @@
 
 Defaults are the N2-Eye card's recipe: 1 epoch, per-device batch 2 x gradient accumulation 4, lr 2e-5, bf16,
 max length 2048, gradient checkpointing, vision frozen, projector + LM trained.
+
+The options that are transformers `TrainingArguments` under an n2eye flag are declared with `ta_field`, which names
+the TrainingArguments option(s) they set; what n2eye passes to transformers, which `--trainer-args` it refuses,
+and the help of those with no docstring of their own all come from that one declaration.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +23,37 @@ TRAIN_MODES = ("projector", "full", "lora")
 # --lr-schedule names -> transformers' scheduler types (wsd: warmup, constant, decay: loss keeps falling at the
 # peak rate instead of the rate shrinking from the first step after the warmup).
 LR_SCHEDULES = {"cosine": "cosine", "linear": "linear", "wsd": "warmup_stable_decay"}
+# TrainingArguments n2eye always sets itself, from no flag (their values: `trainer.own_training_arguments`).
+FIXED_TRAINING_ARGUMENTS = ("activation_checkpointing_kwargs", "remove_unused_columns", "use_cpu",
+                            "accelerator_config", "include_num_input_tokens_seen")  # fmt: skip
 
 
-# TrainingArguments that n2eye sets itself: from one of its flags (named here), or always (None: not settable).
-OWN_TRAINING_ARGUMENTS: dict[str, str | None] = {
-    "output_dir": "--out", "per_device_train_batch_size": "--batch-size", "per_device_eval_batch_size": "--batch-size",
-    "gradient_accumulation_steps": "--grad-accum", "learning_rate": "--lr", "num_train_epochs": "--epochs",
-    "max_steps": "--max-steps", "lr_scheduler_type": "--lr-schedule", "lr_scheduler_kwargs": "--decay-ratio",
-    "warmup_steps": "--warmup-ratio", "weight_decay": "--weight-decay", "bf16": "--bf16",
-    "activation_checkpointing": "--gradient-checkpointing", "activation_checkpointing_kwargs": None, "logging_steps": "--logging-steps",
-    "save_strategy": "--save-every", "save_steps": "--save-every", "save_total_limit": "--save-total-limit",
-    "eval_strategy": "--eval-every", "eval_steps": "--eval-every", "report_to": "--report-to", "seed": "--seed",
-    "data_seed": "--seed", "remove_unused_columns": None, "use_cpu": None, "accelerator_config": None,
-    "include_num_input_tokens_seen": None,
-}  # fmt: skip
+def ta_field(*options: str, default: Any = dataclasses.MISSING, computed: bool = False) -> Any:
+    """A TrainConfig field that sets the TrainingArguments `options`: passed on as it is, or, when `computed`,
+    turned into them by `trainer.own_training_arguments`. Without a docstring under it, its --help is transformers'
+    own for the first option, read only when the parser is built (importing transformers is slow)."""
+    help_text = functools.partial(training_argument_help, options[0])
+    return dataclasses.field(default=default, metadata={"training_arguments": options, "computed": computed,
+                                                         "help": help_text})  # fmt: skip
+
+
+def training_argument_help(option: str) -> str:
+    """transformers' help for TrainingArguments `option`, with the options n2eye sets from a flag written as that
+    flag (`num_train_epochs` -> --epochs), since those names can't be used with `n2eye train`."""
+    from transformers import TrainingArguments
+
+    text = TrainingArguments.__dataclass_fields__[option].metadata.get("help", "")
+    text = text.replace("%%", "%")  # escaped for transformers' own argparse; cli_args escapes it again
+    for name, flag in OWN_TRAINING_ARGUMENTS.items():
+        if flag:  # `seed` or learning_rate, not the word seed
+            text = re.sub(rf"`{name}`" + (rf"|\b{name}\b" if "_" in name else ""), flag, text)
+    return text
+
+
+def copied_training_arguments(cfg: TrainConfig) -> dict[str, Any]:
+    """{TrainingArguments option: value} for the `ta_field`s passed on as they are."""
+    fields = [f for f in dataclasses.fields(cfg) if "training_arguments" in f.metadata and not f.metadata["computed"]]
+    return {option: getattr(cfg, f.name) for f in fields for option in f.metadata["training_arguments"]}
 
 
 def parse_trainer_args(value: list[str] | dict[str, Any] | None) -> dict[str, Any]:
@@ -65,36 +88,33 @@ def parse_trainer_args(value: list[str] | dict[str, Any] | None) -> dict[str, An
 
 @dataclass
 class TrainConfig:
-    """Options of `n2eye train`."""
+    """Options of `n2eye train`. A `ta_field` with no docstring under it has nothing to add to transformers' help."""
 
     model: str
     """Checkpoint folder to start from (made by `n2eye build` or an earlier `n2eye train`)."""
     data: str
     """Training data SPEC: a json/jsonl/parquet file, a folder (saved dataset, parquet files) or a hub dataset, with
     optional :split; several SPECs separated by commas are read in turn, each with its own format."""
-    out: str
+    out: str = ta_field("output_dir")
     """Run folder: checkpoints, metrics.jsonl, loss curve, skip report, final model in out/final."""
     format: str = "auto"
     """Data format: auto, cragmm, messages or llava."""
     eval_data: str | None = None
     """Held-out SPEC; its loss is logged every --eval-every steps."""
-    epochs: float = 1.0
-    """Passes over the training data."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (overrides --epochs when > 0)."""
-    lr: float = 2e-5
+    epochs: float = ta_field("num_train_epochs", default=1.0)
+    max_steps: int = ta_field("max_steps", default=-1)
+    lr: float = ta_field("learning_rate", default=2e-5)
     """Peak learning rate (reached after the warmup; --lr-schedule says what follows)."""
-    lr_schedule: str = "cosine"
+    lr_schedule: str = ta_field("lr_scheduler_type", default="cosine", computed=True)
     """After the warmup: cosine (decay to 0), linear, or wsd (stay at --lr, then a cosine decay over the last
     --decay-ratio of the steps; needs --max-steps)."""
-    decay_ratio: float = 0.2
+    decay_ratio: float = ta_field("lr_scheduler_kwargs", default=0.2, computed=True)
     """wsd only: the fraction of the steps spent decaying."""
     vision_lr: float | None = None
     """Learning rate of the vision tower when --train-vision (default: --lr / 10)."""
-    batch_size: int = 2
+    batch_size: int = ta_field("per_device_train_batch_size", "per_device_eval_batch_size", default=2)
     """Conversations per device per step."""
-    grad_accum: int = 4
-    """Gradient accumulation steps."""
+    grad_accum: int = ta_field("gradient_accumulation_steps", default=4)
     max_length: int = 2048
     """Tokens per sample, image tokens included; longer samples are cut outside image blocks or skipped."""
     train: str = "full"
@@ -111,27 +131,25 @@ class TrainConfig:
     """After a LoRA run, also write out/merged: the LoRA weights merged into a plain checkpoint."""
     last_turn_only: bool = False
     """Supervise only the last assistant turn of each conversation."""
-    eval_every: int = 0
+    eval_every: int = ta_field("eval_strategy", "eval_steps", default=0, computed=True)
     """Evaluate held-out loss every N steps (0: only at the end, when --eval-data is given)."""
-    save_every: int = 0
+    save_every: int = ta_field("save_strategy", "save_steps", default=0, computed=True)
     """Save a checkpoint every N steps (0: only at the end)."""
-    save_total_limit: int = 3
-    """Keep at most this many intermediate checkpoints."""
+    save_total_limit: int = ta_field("save_total_limit", default=3)
     resume: bool = False
     """Continue from the latest complete checkpoint in --out (optimizer, scheduler, RNG and data position)."""
-    bf16: bool = True
-    """bfloat16 mixed precision."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory."""
-    seed: int = 42
+    bf16: bool = ta_field("bf16", default=True, computed=True)
+    """bfloat16 mixed precision (float32 on a GPU that can't run bf16)."""
+    gradient_checkpointing: bool = ta_field("activation_checkpointing", default=True)
+    seed: int = ta_field("seed", "data_seed", default=42)
     """Seed for initialisation, shuffling and dropout."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = ta_field("warmup_steps", default=0.03)
     """Fraction of steps for linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    logging_steps: int = 1
+    weight_decay: float = ta_field("weight_decay", default=0.0)
+    """AdamW weight decay, on every trainable parameter (biases and norms too, unlike the Trainer's own optimizer)."""
+    logging_steps: int = ta_field("logging_steps", default=1)
     """Log loss/lr/throughput every N steps."""
-    report_to: str = "none"
+    report_to: str = ta_field("report_to", default="none", computed=True)
     """Trackers: none, tensorboard, wandb (when installed), or a comma-separated list."""
     streaming: bool = False
     """Stream the training data (encode on the fly) instead of loading it all; needs --max-steps."""
@@ -182,3 +200,11 @@ class TrainConfig:
             raise ValueError("--pack needs the whole dataset; it can't be combined with --streaming yet.")
         if self.merge and self.train != "lora":
             raise ValueError("--merge only applies to --train lora.")
+
+
+# TrainingArguments that n2eye sets itself: from one of its flags (named here), or always (None: not settable).
+OWN_TRAINING_ARGUMENTS: dict[str, str | None] = {
+    **{option: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+       for option in f.metadata.get("training_arguments", ())},
+    **dict.fromkeys(FIXED_TRAINING_ARGUMENTS),
+}  # fmt: skip

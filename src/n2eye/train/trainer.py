@@ -25,7 +25,7 @@ from ..data.report import SkipReport
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.packed_attention import PACKED_SDPA
 from ..modeling.processing_n2eye import N2EyeProcessor
-from .config import LR_SCHEDULES, TrainConfig
+from .config import LR_SCHEDULES, TrainConfig, copied_training_arguments
 from .cpu_allocator import keep_freed_memory
 from .modes import configure_trainable, count_trainable, merge_lora, parameter_groups
 
@@ -144,35 +144,22 @@ def make_feature_cache(model, cfg: TrainConfig, device: torch.device | None = No
 
 
 def own_training_arguments(cfg: TrainConfig, has_eval: bool) -> dict[str, Any]:
-    """The TrainingArguments n2eye sets from its flags (`config.OWN_TRAINING_ARGUMENTS` says which sets which)."""
-    report_to = [] if cfg.report_to in ("", "none") else cfg.report_to.split(",")
-    use_bf16 = uses_bf16(cfg)
-    return dict(
-        output_dir=cfg.out,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
+    """The TrainingArguments n2eye sets: its flags declared with `config.ta_field` passed on as they are, those
+    computed from its flags, and those it always sets (`config.OWN_TRAINING_ARGUMENTS` says which sets which)."""
+    computed = dict(
         lr_scheduler_type=LR_SCHEDULES[cfg.lr_schedule],
         lr_scheduler_kwargs=(
             {"num_decay_steps": max(1, round(cfg.decay_ratio * cfg.max_steps))} if cfg.lr_schedule == "wsd" else {}
         ),
-        warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        bf16=use_bf16,
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=cfg.logging_steps,
+        bf16=uses_bf16(cfg),
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500,
-        save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if has_eval and cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
-        report_to=report_to,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        report_to=[] if cfg.report_to in ("", "none") else cfg.report_to.split(","),
+    )
+    fixed = dict(
+        activation_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
         use_cpu=not torch.cuda.is_available(),
@@ -180,6 +167,7 @@ def own_training_arguments(cfg: TrainConfig, has_eval: bool) -> dict[str, Any]:
         # so each process builds its own batches instead of having rank 0 slice them
         accelerator_config={"dispatch_batches": False},
     )
+    return {**copied_training_arguments(cfg), **computed, **fixed}
 
 
 def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
