@@ -566,3 +566,21 @@ def test_messages_dataset_with_nested_image_feature(tmp_path):
         assert convs[0]["images"][0].tobytes() == IMAGES["s1"].tobytes()
     with pytest.raises(ValueError, match="DatasetDict with splits train"):
         iter_conversations(datasets.DatasetDict({"train": dataset}))
+
+
+def test_package_exports_resolve_lazily():
+    """`import n2eye.data` (and `n2eye.demo`) pulls in none of their modules' heavy imports until a name is used;
+    a name that isn't exported is an AttributeError, and dir() lists the exports."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, n2eye.data, n2eye.demo\n"
+        "assert 'datasets' not in sys.modules and 'n2eye.demo.command' not in sys.modules\n"
+        "assert 'load_source' in dir(n2eye.data) and 'run_demo' in dir(n2eye.demo)\n"
+        "from n2eye.data import load_source\n"
+        "assert 'n2eye.data.sources' in sys.modules and n2eye.data.load_source is load_source\n"
+        "try:\n    n2eye.data.no_such_name\nexcept AttributeError as err:\n    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "module 'n2eye.data' has no attribute 'no_such_name'" in out

@@ -10,22 +10,10 @@ imports it: the rest of n2eye does not depend on the demo (`n2eye bench` runs `p
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {"DemoConfig": "command", "run_demo": "command"}
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'n2eye.demo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"n2eye.demo.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
