@@ -154,11 +154,14 @@ def test_presets_are_listed_in_help_and_in_the_unknown_preset_error(capsys):
 
 def test_lfm2_vl_450m_random_init_builds_a_checkpoint(tmp_path, capsys):
     """`n2eye build --preset lfm2-vl-450m --random-init` (about 12 s and 1.7 GB on 2 CPU cores): a complete folder,
-    the published counts printed, and a NaFlex image through plain transformers."""
+    the published counts printed, LFM2-VL's image policy in its processor, and through plain transformers a tiled
+    conversation in a fresh process (about 15 s) and a small image through generate."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from conftest import draw_shapes
     from n2eye.build import BuildConfig, build_and_report
+    from n2eye.modeling.image_policy import image_marker_tokens
+    from test_processor_naflex import run_fresh_process_check
 
     out = build_and_report(BuildConfig(out=str(tmp_path / "lfm2-vl-450m"), preset="lfm2-vl-450m", random_init=True,
                                        dtype="bfloat16"))  # fmt: skip
@@ -171,8 +174,13 @@ def test_lfm2_vl_450m_random_init_builds_a_checkpoint(tmp_path, capsys):
     assert config["vision_config"]["model_type"] == "siglip2_vision_model"
     assert (config["projector_hidden_size"], config["projector_bias"], config["downsample_factor"]) == (2560, True, 2)
     for name in ("model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja",
-                 "generation_config.json", "modeling_n2eye.py"):  # fmt: skip
+                 "generation_config.json", "modeling_n2eye.py", "image_policy.py"):  # fmt: skip
         assert (out / name).is_file(), name
+    policy = json.loads((out / "processor_config.json").read_text())["image_policy"]
+    assert policy["encoder_patch_size"] == 16 and policy["downsample_factor"] == 2 and policy["tile_size"] == 512
+    added = {t["content"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"] if t["special"]}
+    assert set(image_marker_tokens()) <= added
+    run_fresh_process_check(out, tmp_path, dtype="bfloat16")
 
     model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True, dtype=torch.bfloat16).eval()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
@@ -181,8 +189,8 @@ def test_lfm2_vl_450m_random_init_builds_a_checkpoint(tmp_path, capsys):
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")  # fmt: skip
     inputs.pop("assistant_masks", None)
-    assert inputs["spatial_shapes"].tolist() == [[12, 20]]  # 200x120 at most 256 patches of 16px
-    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 6 * 10  # 2x2 pixel unshuffle
+    assert inputs["spatial_shapes"].tolist() == [[14, 22]]  # 200x120 upscaled to 352x224: 64..256 tokens of 32px
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 7 * 11  # 2x2 pixel unshuffle
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=1, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 1

@@ -32,9 +32,10 @@ from .modeling.configuration_n2eye import (
     SUPPORTED_VISION_MODEL_TYPES,
     N2EyeConfig,
 )
-from .modeling.processing_n2eye import LFM2_SPECIAL_TOKENS
+from .modeling.image_policy import image_marker_tokens
 from .modeling.modeling_n2eye import N2EyeForConditionalGeneration
-from .modeling.processing_n2eye import N2EyeProcessor
+from .modeling.naflex_images import default_settings
+from .modeling.processing_n2eye import LFM2_SPECIAL_TOKENS, N2EyeProcessor
 from .presets import get_preset, load_bundled_json
 
 # Tokens N2-Eye needs; added when the LM's tokenizer lacks them (LFM2 has the chat and tool tokens, not the image ones).
@@ -91,10 +92,19 @@ def cache_dir() -> Path:
     return cache_root()
 
 
-def add_special_tokens(tokenizer) -> list[str]:
-    """Adds the N2-Eye special tokens the tokenizer lacks; returns the ones added."""
+def uses_image_policy(vision_model_type: str, projector: str) -> bool:
+    """Whether a build gets LFM2-VL's image policy (native resolution, tiles + thumbnail): the LFM2-VL layout,
+    a SigLIP2 NaFlex encoder with the pixel-unshuffle projector (both LFM2-VL presets). Others keep their image
+    processor's own resizing."""
+    return vision_model_type == "siglip2_vision_model" and projector == "pixel_unshuffle_mlp"
+
+
+def add_special_tokens(tokenizer, image_markers: bool = False) -> list[str]:
+    """Adds the N2-Eye special tokens the tokenizer lacks (with `image_markers`, also LFM2-VL's tile and
+    thumbnail markers, which the image policy writes); returns the ones added."""
     vocab = tokenizer.get_vocab()
-    missing = [t for t in REQUIRED_SPECIAL_TOKENS if t not in vocab]
+    wanted = [*REQUIRED_SPECIAL_TOKENS, *(image_marker_tokens() if image_markers else ())]
+    missing = [t for t in wanted if t not in vocab]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return missing
@@ -158,6 +168,18 @@ def load_vision_model(name_or_path: str, dtype: torch.dtype = torch.float32):
     return vision, image_processor
 
 
+def image_policy_settings(config: N2EyeConfig) -> dict | None:
+    """The processor's `image_policy` for this model (transformers' Lfm2Vl defaults at the model's patch size and
+    merge factor), or None when the build does not use the policy."""
+    if not uses_image_policy(config.vision_config.model_type, config.projector_type):
+        return None
+    merge = config.vision_config.patch_size * config.projector_factor
+    tile = 512 if 512 % merge == 0 else max(merge, round(512 / merge) * merge)  # LFM2-VL's 512 px tiles
+    return default_settings(
+        encoder_patch_size=config.vision_config.patch_size, downsample_factor=config.projector_factor, tile_size=tile
+    )
+
+
 def make_processor(tokenizer, image_processor, config: N2EyeConfig) -> N2EyeProcessor:
     from .checkpoint import modeling_source_dir
 
@@ -170,6 +192,7 @@ def make_processor(tokenizer, image_processor, config: N2EyeConfig) -> N2EyeProc
         chat_template=tokenizer.chat_template,
         patch_size=config.vision_config.patch_size,
         downsample_factor=config.projector_factor,
+        image_policy=image_policy_settings(config),
     )
 
 
@@ -220,7 +243,7 @@ def assemble(
     vision_layers: int | None = None,
 ):
     """Builds an N2-Eye from loaded backbones: adds tokens, copies weights, resizes tied embeddings."""
-    add_special_tokens(tokenizer)
+    add_special_tokens(tokenizer, image_markers=uses_image_policy(vision.config.model_type, projector))
     config = make_config(
         lm.config, vision.config, tokenizer, projector, vision_feature_layer, projector_hidden_size, vision_layers
     )
@@ -257,7 +280,7 @@ def build_random(preset_name: str, seed: int = 0):
     image_processor_class = _IMAGE_PROCESSORS[processor_config.get("image_processor_type", "SiglipImageProcessor")]
     image_processor = image_processor_class(**_without_type(processor_config))
     tokenizer = train_tiny_tokenizer(cache_dir() / "tokenizer")
-    add_special_tokens(tokenizer)
+    add_special_tokens(tokenizer, image_markers=uses_image_policy(vision_config.model_type, preset.projector))
     config = make_config(
         text_config,
         vision_config,

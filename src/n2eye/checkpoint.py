@@ -24,6 +24,8 @@ MODELING_FILES = (
     "modeling_n2eye.py",
     "processing_n2eye.py",
     "image_io.py",
+    "image_policy.py",
+    "naflex_images.py",
     "packed_attention.py",
     "tool_calls.py",
 )

@@ -66,6 +66,14 @@ def tile_marker(row: int, col: int) -> str:
     return f"<|img_row_{row}_col_{col}|>"
 
 
+def image_marker_tokens(grid_side: int = 10) -> list[str]:
+    """The tile markers for rows and columns 1..`grid_side`, row-major, then `<|img_thumbnail|>`: the tokens (and
+    order) LiquidAI's LFM2-VL tokenizers add, 10 x 10 markers covering every grid `max_tiles=10` allows."""
+    return [tile_marker(r, c) for r in range(1, grid_side + 1) for c in range(1, grid_side + 1)] + [
+        IMAGE_THUMBNAIL_TOKEN
+    ]
+
+
 class UnsupportedImageSize(ValueError):
     """An image size the LFM2-VL policy cannot handle consistently; the message says why and what to do."""
 
@@ -497,6 +505,7 @@ __all__ = [
     "UnsupportedImageSize",
     "expand_image_tokens",
     "image_layout",
+    "image_marker_tokens",
     "is_image_too_large",
     "resize_and_split",
     "smart_resize",

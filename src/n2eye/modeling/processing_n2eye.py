@@ -1,20 +1,26 @@
 """N2-Eye processor: tokenizer + the vision backbone's image processor + the LFM2 ChatML chat template.
 
-Ships inside every checkpoint (``trust_remote_code=True``). Each `<image>` in the text becomes
-`<|image_start|>` + `<image>` x (that image's token count) + `<|image_end|>`; the count comes from the processed
-image's patch grid, so variable-size inputs (SigLIP2 NaFlex, tiles) only change `image_token_counts`.
+Ships inside every checkpoint (``trust_remote_code=True``). Two image paths:
+
+* the image processor's own (fixed-resolution SigLIP, or SigLIP2 NaFlex at its `max_num_patches`): each `<image>`
+  becomes `<|image_start|>` + `<image>` x (that image's token count) + `<|image_end|>`, the count from the patch grid;
+* LFM2-VL's image policy, when the processor config has `image_policy` (`n2eye build` sets it for SigLIP2 NaFlex +
+  the pixel-unshuffle projector, the LFM2-VL layout): native resolution, large images split into tiles plus a
+  thumbnail, token for token as transformers' `Lfm2VlProcessor` (see `image_policy.py`, `naflex_images.py`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers' `_merge_kwargs` reads the kwargs TypedDicts' annotations
+# as classes.
 import math
 import re
 from typing import Any
 
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin
 
 from .image_io import IMAGE_SOURCE_KEYS, is_image_item, load_image
+from .image_policy import IMAGE_THUMBNAIL_TOKEN, ImageLayout, ImagePolicy, expand_image_tokens, tile_marker
+from .naflex_images import POLICY_SETTINGS, Normalization, default_settings, naflex_inputs, resolve_settings
 from .tool_calls import normalize_tool_calls, parse_tool_calls
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant trained by Liquid AI. You can see and understand images."
@@ -89,7 +95,31 @@ def _strings(value: Any, path: str):
             yield from _strings(inner, f"{path}[{index}]")
 
 
+class N2EyeImagesKwargs(ImagesKwargs, total=False):
+    """Per-call overrides of the LFM2-VL image policy (`processor(..., max_image_tokens=64)`); the names and
+    meanings of transformers' `Lfm2VlImageProcessor` (see `image_policy.ImagePolicy`)."""
+
+    encoder_patch_size: int | None
+    downsample_factor: int | None
+    min_image_tokens: int | None
+    max_image_tokens: int | None
+    do_image_splitting: bool | None
+    min_tiles: int | None
+    max_tiles: int | None
+    use_thumbnail: bool | None
+    tile_size: int | None
+    max_pixels_tolerance: float | None
+    max_num_patches: int | None
+
+
+# Settings that only the image policy reads (`resample` and `max_num_patches` are also SigLIP2's own).
+_POLICY_ONLY = tuple(name for name in POLICY_SETTINGS if name not in ("resample", "max_num_patches"))
+# Marker-looking text is refused in messages even when the tokenizer lacks the marker (it would be one later).
+_TILE_MARKER_PATTERN = r"<\|img_row_\d+_col_\d+\|>"
+
+
 class N2EyeProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: N2EyeImagesKwargs
     _defaults = {"text_kwargs": {"add_special_tokens": False, "padding": False}}
 
 
@@ -103,7 +133,10 @@ class N2EyeProcessor(ProcessorMixin):
         patch_size: the vision tower's patch size in pixels.
         downsample_factor: the projector's spatial merge factor (1 for `mlp`, 2 for `pixel_unshuffle_mlp`).
         default_system_prompt: used when a conversation has no system message; `None` or "" for none.
-        use_image_special_tokens: wrap each image's tokens in `<|image_start|>` / `<|image_end|>`.
+        use_image_special_tokens: wrap each image's tokens in `<|image_start|>` / `<|image_end|>` (and, with the
+            image policy, mark tiles and the thumbnail), as `Lfm2VlProcessor`'s option of that name.
+        image_policy: LFM2-VL's image policy settings (`naflex_images.POLICY_SETTINGS`; missing ones take
+            transformers' defaults) for a SigLIP2 NaFlex image processor; `None` keeps the image processor's own.
     """
 
     valid_processor_kwargs = N2EyeProcessorKwargs
@@ -117,21 +150,48 @@ class N2EyeProcessor(ProcessorMixin):
         downsample_factor: int = 1,
         default_system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         use_image_special_tokens: bool = True,
+        image_policy: dict | None = None,
         **kwargs,
     ):
         self.image_token = "<image>"
         self.image_start_token = "<|image_start|>"
         self.image_end_token = "<|image_end|>"
+        self.image_thumbnail_token = IMAGE_THUMBNAIL_TOKEN
         self.patch_size = patch_size
         self.downsample_factor = downsample_factor
         self.default_system_prompt = default_system_prompt
         self.use_image_special_tokens = use_image_special_tokens
+        self.image_policy = None if image_policy is None else default_settings(**image_policy)
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if self.image_policy is not None:
+            self._check_policy_fits()
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(
                 "The tokenizer has no <image> token. Build the checkpoint with `n2eye build`, which adds "
                 "<image>, <|image_start|> and <|image_end|> to the tokenizer."
+            )
+
+    def _check_policy_fits(self) -> None:
+        """The policy needs a NaFlex image processor and the model's patch size and merge factor."""
+        ip = self.image_processor
+        if "spatial_shapes" not in getattr(ip, "model_input_names", ()):
+            raise ValueError(
+                f"image_policy needs a SigLIP2 NaFlex image processor (variable resolution), but this one is "
+                f"{type(ip).__name__}. Remove image_policy from processor_config.json for fixed-resolution encoders."
+            )
+        policy, _ = resolve_settings(self.image_policy)
+        expected = {"encoder_patch_size": self.patch_size, "downsample_factor": self.downsample_factor}
+        for name, value in expected.items():
+            if getattr(policy, name) != value:
+                raise ValueError(
+                    f"image_policy.{name} is {getattr(policy, name)} but the model's is {value} (processor "
+                    f"{'patch_size' if name == 'encoder_patch_size' else name}): fix processor_config.json."
+                )
+        if getattr(ip, "patch_size", policy.encoder_patch_size) != policy.encoder_patch_size:
+            raise ValueError(
+                f"image_policy.encoder_patch_size is {policy.encoder_patch_size} but the image processor's patch_size "
+                f"is {ip.patch_size}: fix processor_config.json or preprocessor_config.json."
             )
 
     # ---- chat template -------------------------------------------------------------------------------
@@ -151,8 +211,12 @@ class N2EyeProcessor(ProcessorMixin):
         if getattr(self, "_control_pattern", None) is None:
             tokens = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
             tokens |= {self.image_token, self.image_start_token, self.image_end_token}
+            extra = []
+            if self.image_policy is not None:  # LFM2-VL's tile and thumbnail markers, in the tokenizer or not
+                tokens.add(self.image_thumbnail_token)
+                extra.append(_TILE_MARKER_PATTERN)
             tokens = sorted((t for t in tokens if t), key=len, reverse=True)
-            self._control_pattern = re.compile("|".join(map(re.escape, tokens)))
+            self._control_pattern = re.compile("|".join([*map(re.escape, tokens), *extra]))
         return self._control_pattern
 
     def check_control_tokens(self, conversation: list, tools: list | None = None) -> None:
@@ -216,6 +280,56 @@ class N2EyeProcessor(ProcessorMixin):
             return self.image_start_token + body + self.image_end_token
         return body
 
+    def policy_for_call(self, images_kwargs: dict) -> tuple[ImagePolicy, int] | None:
+        """(policy, pad length) with this call's overrides, popped from `images_kwargs`; None without a policy
+        (then policy-only overrides are refused rather than ignored)."""
+        overrides = {k: v for k in POLICY_SETTINGS if (v := images_kwargs.pop(k, None)) is not None}
+        if self.image_policy is None:
+            ignored = sorted(set(overrides) & set(_POLICY_ONLY))
+            if ignored:
+                raise ValueError(
+                    f"{ignored} set LFM2-VL's image policy, which this processor does not use (its image processor "
+                    f"is {type(self.image_processor).__name__} without `image_policy` in processor_config.json). "
+                    "Build with a SigLIP2 NaFlex encoder and the pixel_unshuffle_mlp projector to get it."
+                )
+            images_kwargs.update({k: v for k, v in overrides.items() if k not in _POLICY_ONLY})
+            return None
+        return resolve_settings(self.image_policy, overrides)
+
+    def _policy_images(self, images: list, images_kwargs: dict, policy: ImagePolicy, pad: int):
+        """NaFlex tensors and text replacements for `images` under the LFM2-VL policy."""
+        normalization = Normalization.of(self.image_processor, images_kwargs)
+        data, layouts = naflex_inputs(images, policy, pad, normalization)
+        self._check_marker_tokens(layouts)
+        replacements = [
+            expand_image_tokens(
+                layout,
+                self.image_token,
+                use_image_special_tokens=self.use_image_special_tokens,
+                image_start_token=self.image_start_token,
+                image_end_token=self.image_end_token,
+                image_thumbnail_token=self.image_thumbnail_token,
+            )
+            for layout in layouts
+        ]
+        return data, replacements
+
+    def _check_marker_tokens(self, layouts: list[ImageLayout]) -> None:
+        """The tile / thumbnail markers the text needs must be tokens, or they would be split into plain text."""
+        if not self.use_image_special_tokens:
+            return
+        needed = {tile_marker(t.row, t.col) for layout in layouts if layout.is_multi_tile for t in layout.tiles}
+        if any(layout.thumbnail is not None for layout in layouts):
+            needed.add(self.image_thumbnail_token)
+        added = {t.content for t in self.tokenizer.added_tokens_decoder.values()}
+        missing = sorted(needed - added)
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks the image marker token(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                "which this image's tiles need. Build the checkpoint with `n2eye build` (it adds <|img_row_R_col_C|> "
+                "for rows and columns 1..10 and <|img_thumbnail|>), or lower max_tiles / set do_image_splitting=False."
+            )
+
     # ---- main entry ------------------------------------------------------------------------------------
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Tokenizes `text` (str or list) whose `<image>` placeholders match `images` (per sample, in order)."""
@@ -241,9 +355,13 @@ class N2EyeProcessor(ProcessorMixin):
                     f"and the images are {n_given} per sample."
                 )
             flat = [img for sample in nested for img in sample]
-            if flat:
-                images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
-                processed = self.image_processor(flat, **images_kwargs)
+            images_kwargs = dict(merged["images_kwargs"])
+            policy = self.policy_for_call(images_kwargs)
+            if flat and policy is not None:
+                processed, replacements = self._policy_images(flat, images_kwargs, *policy)
+                data.update(processed)
+            elif flat:
+                processed = self.image_processor(flat, **{**images_kwargs, "return_tensors": "pt"})
                 data.update(processed)
                 replacements = [self._image_replacement(n) for n in self.image_token_counts(processed)]
         elif any(counts_in_text):
