@@ -35,29 +35,6 @@ def _noise(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def naflex_checkpoint(tmp_path_factory, n2eye_cache) -> Path:
-    """A tiny LFM2-VL-layout checkpoint: the tiny LM + a 2-layer SigLIP2 NaFlex (patch 16) + pixel unshuffle, built
-    from local folders by the real build path (`build_from_sources`, as `n2eye build --lm --vision` does)."""
-    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
-
-    from n2eye.build import build_from_sources
-    from n2eye.checkpoint import default_generation_config, save_checkpoint
-    from n2eye.fixtures import make_tiny_backbones
-
-    paths = make_tiny_backbones(n2eye_cache / "tiny-backbones")
-    vision = tmp_path_factory.mktemp("naflex-vision")
-    torch.manual_seed(0)
-    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                 patch_size=16, num_patches=256)  # fmt: skip
-    Siglip2VisionModel(config).save_pretrained(vision)
-    Siglip2ImageProcessor(patch_size=16, max_num_patches=256).save_pretrained(vision)
-    model, processor = build_from_sources(str(paths["lm"]), str(vision), "pixel_unshuffle_mlp",
-                                          projector_hidden_size=48)  # fmt: skip
-    out = tmp_path_factory.mktemp("ckpt") / "naflex"
-    return save_checkpoint(model, processor, out, default_generation_config(processor.tokenizer))
-
-
-@pytest.fixture(scope="module")
 def processor(naflex_checkpoint):
     from transformers import AutoProcessor
 

@@ -37,9 +37,13 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Maps field name -> its flag's help: the docstring under it, else its metadata["help"] (a function, for a
-    help read from a library too slow to import for every command)."""
-    docs = field_docs(cls)
+    """Maps field name -> its flag's help: the docstring under it (in its class or a dataclass it inherits from,
+    e.g. `image_settings.ImageOptions`), else its metadata["help"] (a function, for a help read from a library
+    too slow to import for every command)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
     for f in dataclasses.fields(cls):
         if not docs.get(f.name) and "help" in f.metadata:
             text = f.metadata["help"]

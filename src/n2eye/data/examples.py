@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..vision_inputs import VisionInputs
 from .collate import TRUNCATED_FROM, Collator, encode_conversation
 from .packing import PackedCollator, conv_gap, pack_examples
 from .report import SkipReport, SkipRow
@@ -23,12 +24,17 @@ def _row_of(conversation: dict):
 
 
 def encode_or_skip(
-    processor, conversation: dict, max_length: int, last_turn_only: bool, report: SkipReport
+    processor,
+    conversation: dict,
+    max_length: int,
+    last_turn_only: bool,
+    report: SkipReport,
+    image_settings: dict[str, Any] | None = None,
 ) -> dict | None:
     """One conversation encoded for training, or None when it is skipped (counted in `report` with its reason);
     a conversation cut at `max_length` is kept and counted as truncated."""
     try:
-        example = encode_conversation(processor, conversation, max_length, last_turn_only)
+        example = encode_conversation(processor, conversation, max_length, last_turn_only, image_settings)
     except SkipRow as skip:
         report.add_kept(-1)  # the adapter counted it as kept; tokenization skipped it
         report.add(skip.reason, _row_of(conversation), skip.detail)
@@ -40,7 +46,14 @@ def encode_or_skip(
 
 
 def encode_dataset(
-    processor, spec: str, fmt: str, max_length: int, last_turn_only: bool, max_samples: int, report: SkipReport
+    processor,
+    spec: str,
+    fmt: str,
+    max_length: int,
+    last_turn_only: bool,
+    max_samples: int,
+    report: SkipReport,
+    image_settings: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted)."""
     from tqdm.auto import tqdm
@@ -50,7 +63,7 @@ def encode_dataset(
     examples = []
     stream = load_many(spec, fmt, report=report)
     for conversation in tqdm(stream, desc=f"encoding {spec}", unit="conv"):
-        example = encode_or_skip(processor, conversation, max_length, last_turn_only, report)
+        example = encode_or_skip(processor, conversation, max_length, last_turn_only, report, image_settings)
         if example is None:
             continue
         examples.append(example)
@@ -85,31 +98,34 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 
         cfg = self.cfg
         for conversation in load_many(cfg.data, cfg.format, streaming=True, report=self.report, check_all_bad=False):
-            example = encode_or_skip(self.processor, conversation, cfg.max_length, cfg.last_turn_only, self.report)
+            example = encode_or_skip(self.processor, conversation, cfg.max_length, cfg.last_turn_only, self.report,
+                                     cfg.image_settings())  # fmt: skip
             if example is None:
                 continue
-            if self.feature_cache is not None and example.get("pixel_values") is not None:
-                example["vision_features"] = self.feature_cache.grids(example.pop("pixel_values"))
+            if self.feature_cache is not None:
+                crops = VisionInputs.pop_from(example)
+                if crops is not None:
+                    example["vision_features"] = self.feature_cache.grids(crops)
             yield example
 
 
 def attach_cached_features(cache, examples: list[dict], state) -> None:
-    """Replaces each example's pixel_values with cached vision-tower grids (computed now if new). `state`: the
-    run's accelerate PartialState; under data parallel each process computes its share of the new images, then
-    all read the whole set."""
+    """Replaces each example's image crops with cached vision-tower grids, one per crop (computed now if new).
+    `state`: the run's accelerate PartialState; under data parallel each process computes its share of the new
+    images, then all read the whole set."""
     from tqdm.auto import tqdm
 
-    keys: dict[int, list[str]] = {}  # id(example) -> its images' keys, for the examples this process filled
+    keys: dict[int, list[str]] = {}  # id(example) -> its crops' keys, for the examples this process filled
     with state.split_between_processes(examples) as share:
         for example in tqdm(share, desc="vision feature cache", unit="conv"):
-            pixels = example.get("pixel_values")
-            if pixels is not None and len(pixels):
-                keys[id(example)] = cache.fill(pixels)
+            crops = VisionInputs.of(example)
+            if crops is not None:
+                keys[id(example)] = cache.fill(crops)
     state.wait_for_everyone()  # every process's share is on disk now
     for example in examples:
-        pixels = example.pop("pixel_values", None)
-        if pixels is not None and len(pixels):
-            example["vision_features"] = cache.load(keys.get(id(example)) or cache.keys(pixels))
+        crops = VisionInputs.pop_from(example)
+        if crops is not None:
+            example["vision_features"] = cache.load(keys.get(id(example)) or cache.keys(crops))
     where = f" (process {state.process_index} of {state.num_processes}, its share)" if state.num_processes > 1 else ""
     print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed{where}")
 
@@ -124,14 +140,13 @@ def prepare_datasets(cfg: Any, processor, model, report: SkipReport, eval_report
         load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
         train_set = StreamingExamples(processor, cfg, report, cache)
     else:
-        train_set = encode_dataset(
-            processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only, cfg.max_samples, report
-        )
+        train_set = encode_dataset(processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only,
+                                   cfg.max_samples, report, cfg.image_settings())  # fmt: skip
         print(f"train: {len(train_set)} conversations; {report.summary()}")
     eval_set = None
     if cfg.eval_data:
         eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0,
-                                  eval_report)  # fmt: skip
+                                  eval_report, cfg.image_settings())  # fmt: skip
     if cache is not None:
         attach_cached_features(cache, ([] if cfg.streaming else train_set) + (eval_set or []), args.distributed_state)
     collator = Collator(processor.tokenizer.pad_token_id)

@@ -5,7 +5,7 @@ Isolation for LFM2's two kinds of layers:
 - short convolution (kernel `conv_L_cache`, 3 in LFM2): `gap` = kernel - 1 masked positions between samples. LFM2
   zeroes masked positions before every conv, so a sample's first tokens see zeros, exactly like the zero padding
   at a sequence start.
-Image features keep their order because samples keep theirs.
+Image crops (and NaFlex's spatial shapes and masks) keep their order because samples keep theirs.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..vision_inputs import VisionInputs
 from .collate import IGNORE_INDEX
 
 GAP = 2  # masked positions between samples for LFM2's kernel of 3 (`conv_L_cache`): kernel - 1
@@ -97,10 +98,9 @@ class PackedCollator:
             "attention_mask": attention_mask,
             "packed_attention_mask": allowed[:, None, :, :],
         }
-        pixels = [s["pixel_values"] for b in bins for s in b["segments"] if s.get("pixel_values") is not None]
-        pixels = [p for p in pixels if len(p)]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels, dim=0)
+        crops = VisionInputs.gather(s for b in bins for s in b["segments"])  # in sample order, as the tokens
+        if crops is not None:
+            crops.put_into(batch)
         grids = [g for b in bins for s in b["segments"] for g in s.get("vision_features") or []]
         if grids:
             batch["vision_features"] = grids

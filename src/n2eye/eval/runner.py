@@ -15,11 +15,12 @@ from typing import Any
 from PIL import Image
 
 from ..data.collate import fill_images
+from ..image_settings import ImageOptions, checked_image_settings
 from .scoring import aggregate, format_table, score_turn
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(ImageOptions):
     """Options of `n2eye eval`."""
 
     model: str
@@ -99,6 +100,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
 
     out = check_file_writable(cfg.out)  # fail now, not after the long part
     engine = engine or load(cfg.model, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
+    image_settings = checked_image_settings(engine.processor, cfg.image_settings())
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
@@ -122,6 +124,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
                     do_sample=False,
                     max_new_tokens=cfg.max_new_tokens,
                     repetition_penalty=1.0,
+                    image_settings=image_settings,
                 )
                 for request, completion in zip(group, completions):
                     prediction = completion["text"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from ..image_settings import ImageOptions
+
 HELP = """commands: /image PATH_OR_URL (attach to your next message)  /system TEXT (new system prompt, new chat)
           /reset (new chat)  /help  /quit"""
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(ImageOptions):
     """Options of `n2eye chat`."""
 
     model: str
@@ -32,7 +34,7 @@ def chat(cfg: ChatConfig, stdin=None, stdout=None) -> int:
     from .engine import load
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code, image_settings=cfg.image_settings())
     system, pending_images = cfg.system, [cfg.image] if cfg.image else []
     session = engine.session(system=system)
     answers = 0

@@ -4,22 +4,26 @@
 - `generate_batch(conversations)`: many conversations at once (left padding, one `generate`).
 - `session()`: a multi-turn chat that keeps the LFM2 hybrid cache (attention KV + conv state) between turns, so
   a follow-up turn only runs its new tokens and never re-encodes earlier images.
-Vision grids are cached by image content (bounded LRU), so the same picture is encoded once.
+Vision grids are cached by crop content (bounded LRU, `vision_cache.py`), so the same picture is encoded once.
+Every call takes `image_settings` (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`: LFM2-VL's image
+policy), over the engine's own (`load(..., image_settings=...)`, the CLI's flags) over the checkpoint's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, TextStreamer
+
+from ..image_settings import checked_image_settings
+from ..vision_inputs import VisionInputs
+from .vision_cache import VisionGridCache
 
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|pad|>")
 
@@ -40,46 +44,15 @@ def cut_at_stop(text: str, stops: list[str] | None) -> tuple[str, bool]:
     return (text[: min(positions)], True) if positions else (text, False)
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's bytes whatever its dtype (numpy has no bfloat16)."""
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-class VisionGridCache:
-    """Bounded LRU of vision-tower grids keyed by the preprocessed pixels."""
-
-    def __init__(self, model, max_items: int = 64):
-        self.model = model
-        self.max_items = max_items
-        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.encoded = 0  # images that actually went through the vision tower
-
-    def grids(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        keys = [hashlib.sha256(_raw_bytes(p)).hexdigest() for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self.items]
-        if missing:
-            with torch.no_grad():
-                computed = self.model.model.encode_images(pixel_values[missing].to(self.model.device))
-            self.encoded += len(missing)
-            for i, grid in zip(missing, computed):
-                self.items[keys[i]] = grid
-        out = []
-        for key in keys:
-            self.items.move_to_end(key)
-            out.append(self.items[key])
-        while len(self.items) > self.max_items:
-            self.items.popitem(last=False)
-        return out
-
-
 class N2Eye:
     """A loaded N2-Eye model + processor with chat, batch generation and cached multi-turn sessions."""
 
-    def __init__(self, model, processor, image_cache_size: int = 64):
+    def __init__(self, model, processor, image_cache_size: int = 64, image_settings: Mapping[str, Any] | None = None):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.vision_cache = VisionGridCache(model, image_cache_size)
+        self.image_settings = checked_image_settings(processor, image_settings)
         self._end_ids = {i for i in (self.tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS) if i is not None}
         self._lock = threading.Lock()
         from ..modeling.processing_n2eye import never_generated_token_ids
@@ -96,6 +69,7 @@ class N2Eye:
         quantize: str | None = None,
         bf16_kernel: bool = False,
         trust_remote_code: bool = False,
+        image_settings: Mapping[str, Any] | None = None,
     ) -> N2Eye:
         """Loads a checkpoint folder or hub id as transformers users do. A checkpoint's own code (its copies of
         our modeling files) runs only when `trust_remote_code=True`; when its files equal the installed n2eye's,
@@ -103,7 +77,8 @@ class N2Eye:
         `quantize="int8"` or `"int4"` swaps the LM's linear layers for weight-only kernels (CPU; opt-in because
         it changes the numbers: see benchmarks/README.md). `bf16_kernel=True` (bf16 on a CPU with AVX-512 BF16)
         runs decode rows through our bf16 kernel: faster, and numbers that differ in the last bit. LFM2's short
-        conv always takes the exact fused one-token path on CPU."""
+        conv always takes the exact fused one-token path on CPU. `image_settings`: LFM2-VL image policy options
+        for every call (checked now: a ValueError names a bad one)."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         code = checkpoint_code(path, trust_remote_code)
@@ -129,7 +104,7 @@ class N2Eye:
             from .fast_decode import use_fast_decode
 
             use_fast_decode(model, bf16_kernel=bf16_kernel)
-        return cls(model, processor)
+        return cls(model, processor, image_settings=image_settings)
 
     # ---- helpers -----------------------------------------------------------------------------------------------
     def generation_options(self, **overrides: Any) -> dict[str, Any]:
@@ -154,16 +129,22 @@ class N2Eye:
         ids = [int(i) for i in ids if int(i) not in self._end_ids]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def images_kwargs(self, image_settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The processor's image options for one call: the engine's, then the call's (checked: ValueError)."""
+        return {**self.image_settings, **checked_image_settings(self.processor, image_settings)}
+
     def _model_inputs(self, encoded) -> dict[str, Any]:
-        """Moves processor output to the model and swaps pixel_values for cached vision grids."""
+        """Moves processor output to the model and swaps the image crops for cached vision grids (keyed on the
+        CPU: only new crops travel to the model's device)."""
+        encoded = dict(encoded)
+        crops = VisionInputs.pop_from(encoded)
         inputs = {k: v.to(self.model.device) for k, v in encoded.items() if isinstance(v, torch.Tensor)}
-        pixels = inputs.pop("pixel_values", None)
-        if pixels is not None and len(pixels):
-            inputs["vision_features"] = self.vision_cache.grids(pixels)
+        if crops is not None:
+            inputs["vision_features"] = self.vision_cache.grids(crops)
         inputs.pop("assistant_masks", None)
         return inputs
 
-    def _encode(self, conversations, tools=None):
+    def _encode(self, conversations, tools=None, image_settings: Mapping[str, Any] | None = None):
         return self.processor.apply_chat_template(
             conversations,
             tools=tools,
@@ -171,7 +152,7 @@ class N2Eye:
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            processor_kwargs={"padding": True},
+            processor_kwargs={"padding": True, **self.images_kwargs(image_settings)},
         )
 
     # ---- one-shot ------------------------------------------------------------------------------------------------
@@ -182,6 +163,7 @@ class N2Eye:
         tools: list[dict] | None = None,
         stream: bool = False,
         cancel: threading.Event | None = None,
+        image_settings: Mapping[str, Any] | None = None,
         **options: Any,
     ):
         """Answers a conversation (HF chat messages, images as content items, or `{"type": "image"}` placeholders
@@ -191,7 +173,7 @@ class N2Eye:
             from ..data.collate import fill_images
 
             messages = fill_images(messages, list(images))
-        inputs = self._model_inputs(self._encode(messages, tools))
+        inputs = self._model_inputs(self._encode(messages, tools, image_settings))
         options = self.generation_options(**options)
         if stream:
             return self._stream(inputs, options, cancel or threading.Event())
@@ -217,13 +199,17 @@ class N2Eye:
         return [c["text"] for c in self.complete_batch(conversations, tools, **options)]
 
     def complete_batch(
-        self, conversations: list[list[dict]], tools: list[dict] | None = None, **options: Any
+        self,
+        conversations: list[list[dict]],
+        tools: list[dict] | None = None,
+        image_settings: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> list[dict[str, Any]]:
         """Like `generate_batch`, with token counts and why each answer stopped ("stop" or "length")."""
         if not conversations:
             return []
         self.tokenizer.padding_side = "left"
-        inputs = self._model_inputs(self._encode(conversations, tools))
+        inputs = self._model_inputs(self._encode(conversations, tools, image_settings))
         options = self.generation_options(**options)
         with self._lock, torch.inference_mode():
             out = self.model.generate(**inputs, **options)
@@ -248,9 +234,11 @@ class N2Eye:
             )
         return results
 
-    def count_prompt_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+    def count_prompt_tokens(
+        self, messages: list[dict], tools: list[dict] | None = None, image_settings: Mapping[str, Any] | None = None
+    ) -> int:
         """Tokens the conversation takes as a prompt, image tokens included."""
-        return int(self._encode(messages, tools)["input_ids"].shape[1])
+        return int(self._encode(messages, tools, image_settings)["input_ids"].shape[1])
 
     def _stream(self, inputs: dict, options: dict, cancel: threading.Event) -> Iterator[str]:
         """Text chunks as `generate` (in a worker thread) produces them. A failure in the worker is raised here
@@ -305,8 +293,13 @@ class N2Eye:
             thread.join(timeout=60)
 
     # ---- multi-turn ------------------------------------------------------------------------------------------------
-    def session(self, system: str | None = None, tools: list[dict] | None = None) -> ChatSession:
-        return ChatSession(self, system=system, tools=tools)
+    def session(
+        self,
+        system: str | None = None,
+        tools: list[dict] | None = None,
+        image_settings: Mapping[str, Any] | None = None,
+    ) -> ChatSession:
+        return ChatSession(self, system=system, tools=tools, image_settings=image_settings)
 
 
 class CallbackStreamer(TextStreamer):
@@ -331,9 +324,11 @@ class ChatSession:
     system prompt changed), it falls back to a full prefill.
     """
 
-    def __init__(self, engine: N2Eye, system: str | None = None, tools: list[dict] | None = None):
+    def __init__(self, engine: N2Eye, system: str | None = None, tools: list[dict] | None = None,
+                 image_settings: Mapping[str, Any] | None = None):  # fmt: skip
         self.engine = engine
         self.tools = tools
+        self.images_kwargs = engine.images_kwargs(image_settings)  # one image policy for the whole conversation
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.reset_cache()
 
@@ -362,13 +357,13 @@ class ChatSession:
             self.reset_cache()
             encoded = engine.processor.apply_chat_template(
                 self.messages, tools=self.tools, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt",
+                return_tensors="pt", processor_kwargs=self.images_kwargs,
             )  # fmt: skip
             history = torch.empty((1, 0), dtype=torch.long)
         else:
             suffix = full[len(self.prefix_text) :]
             images = [self._image_source(item) for item in new_images]
-            encoded = engine.processor(text=suffix, images=images or None, return_tensors="pt")
+            encoded = engine.processor(text=suffix, images=images or None, return_tensors="pt", **self.images_kwargs)
             history = self.ids
         inputs = engine._model_inputs(encoded)
         new_ids = inputs.pop("input_ids")
@@ -417,12 +412,14 @@ def load(
     quantize: str | None = None,
     bf16_kernel: bool = False,
     trust_remote_code: bool = False,
+    image_settings: Mapping[str, Any] | None = None,
 ) -> N2Eye:
     """`n2eye.load(path)`: the model and processor behind one object (`quantize="int8"|"int4"` and
     `bf16_kernel=True`: opt-in, they change the numbers; `trust_remote_code=True`: run a checkpoint's own code
-    when it differs from the installed n2eye's)."""
+    when it differs from the installed n2eye's; `image_settings`: LFM2-VL image policy options for every call,
+    e.g. {"max_image_tokens": 64})."""
     return N2Eye.load(path, dtype=dtype, device=device, quantize=quantize, bf16_kernel=bf16_kernel,
-                      trust_remote_code=trust_remote_code)  # fmt: skip
+                      trust_remote_code=trust_remote_code, image_settings=image_settings)  # fmt: skip
 
 
 class UntrustedCodeError(ValueError):

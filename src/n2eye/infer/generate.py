@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from ..image_settings import ImageOptions
+
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(ImageOptions):
     """Options of `n2eye generate`."""
 
     model: str
@@ -71,7 +73,7 @@ def generate(cfg: GenerateConfig) -> str | list[dict]:
                "repetition_penalty": cfg.repetition_penalty}  # fmt: skip
     torch.manual_seed(cfg.seed)
     if cfg.prompt is not None:
-        engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code, image_settings=cfg.image_settings())
         return engine.chat(build_messages(cfg.prompt, cfg.image, cfg.system), **options)
     lines = [line for line in Path(cfg.requests).read_text().splitlines() if line.strip()]
     requests = []
@@ -80,7 +82,7 @@ def generate(cfg: GenerateConfig) -> str | list[dict]:
             requests.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise ValueError(f"{cfg.requests} line {number} is not JSON: {err}") from err
-    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code, image_settings=cfg.image_settings())
     results = []
     for start in tqdm(range(0, len(requests), cfg.batch_size), desc="generate", unit="batch"):
         chunk = requests[start : start + cfg.batch_size]

@@ -1,8 +1,10 @@
 """`n2eye serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over `n2eye.load`.
 
 Routes: `POST /v1/chat/completions` (streaming SSE or not), `GET /v1/models`, `GET /health`, and the web chat page
-at `/`. Non-streaming requests wait in a bounded queue and are answered in batches (one `generate` call per batch
-of compatible requests); past the queue limit the answer is 429. Every bad input gets an OpenAI-style 4xx error
+at `/`. Besides OpenAI's fields a request may set LFM2-VL's image budget (`min_image_tokens`, `max_image_tokens`,
+`do_image_splitting`, top level or in vLLM's `mm_processor_kwargs`), within the server's own (`request_image_settings`).
+Non-streaming requests wait in a bounded queue and are answered in batches (one `generate` call per batch of
+compatible requests); past the queue limit the answer is 429. Every bad input gets an OpenAI-style 4xx error
 body and the server goes on serving.
 
 Security model (README, "Serving"): binds 127.0.0.1 by default; `--api-key` guards every route but /health and
@@ -32,11 +34,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
+from ..image_settings import IMAGE_SETTINGS, ImageOptions, effective_policy
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(ImageOptions):
     """Options of `n2eye serve`."""
 
     model: str
@@ -196,9 +200,10 @@ class Job:
     options: dict[str, Any]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    image_settings: dict[str, Any] | None = None
 
     def group_key(self) -> str:
-        return json.dumps([self.tools, self.options], sort_keys=True, default=str)
+        return json.dumps([self.tools, self.options, self.image_settings], sort_keys=True, default=str)
 
 
 class Batcher:
@@ -224,7 +229,8 @@ class Batcher:
             for job in held:
                 self.jobs.put(job)
             try:
-                results = self.engine.complete_batch([j.messages for j in batch], first.tools, **first.options)
+                results = self.engine.complete_batch([j.messages for j in batch], first.tools,
+                                                     image_settings=first.image_settings, **first.options)  # fmt: skip
                 for job, result in zip(batch, results):
                     job.loop.call_soon_threadsafe(_resolve, job.future, result, None)
             except Exception as err:  # one failing batch must not stop the worker
@@ -286,6 +292,46 @@ def generation_options(body: dict, cfg: ServeConfig) -> dict[str, Any]:
     return options
 
 
+def request_image_settings(body: dict, engine) -> dict[str, Any]:
+    """The request's LFM2-VL image settings (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`: top level,
+    or in vLLM's `mm_processor_kwargs`), checked: a 400 for a wrong type, min above max, a model without the image
+    policy, or a budget above the server's (`--max-image-tokens`, `--no-image-splitting`, else the checkpoint's): a
+    request may ask for fewer image tokens than the server gives, never more."""
+    settings = {name: body[name] for name in IMAGE_SETTINGS if body.get(name) is not None}
+    extra = body.get("mm_processor_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict) or set(extra) - set(IMAGE_SETTINGS):
+            raise APIError(400, f"mm_processor_kwargs must be an object with only {list(IMAGE_SETTINGS)}.",
+                           param="mm_processor_kwargs")  # fmt: skip
+        settings.update({k: v for k, v in extra.items() if v is not None})
+    if not settings:
+        return {}
+    for name, value in settings.items():
+        if name == "do_image_splitting":
+            if not isinstance(value, bool):
+                raise APIError(400, f"{name} must be true or false.", param=name)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise APIError(400, f"{name} must be a positive integer; got {json.dumps(value)[:40]}.", param=name)
+    try:
+        server = effective_policy(engine.processor, engine.image_settings)
+    except ValueError as err:  # the server's own settings were checked at load: not the client's fault
+        raise APIError(500, f"The server's image settings are invalid: {err}", "server_error") from err
+    if server is None:
+        raise APIError(400, f"{sorted(settings)} set LFM2-VL's image policy, which this model does not use (its "
+                       "vision encoder takes images at one fixed resolution).", param=next(iter(settings)))  # fmt: skip
+    if settings.get("max_image_tokens", 0) > server.max_image_tokens:
+        raise APIError(400, f"max_image_tokens {settings['max_image_tokens']} is over this server's "
+                       f"{server.max_image_tokens}; a request may lower it, not raise it.", param="max_image_tokens")
+    if settings.get("do_image_splitting") and not server.do_image_splitting:
+        raise APIError(400, "do_image_splitting: this server does not split images into tiles.",
+                       param="do_image_splitting")  # fmt: skip
+    try:
+        effective_policy(engine.processor, {**engine.image_settings, **settings})
+    except ValueError as err:  # e.g. min_image_tokens above max_image_tokens
+        raise APIError(400, f"Bad image settings: {err}", param=next(iter(settings))) from err
+    return settings
+
+
 @dataclass
 class ChatRequest:
     """A chat completion request, checked field by field before it takes a slot."""
@@ -295,9 +341,10 @@ class ChatRequest:
     options: dict[str, Any]
     stream: bool
     include_usage: bool
+    image_settings: dict[str, Any] | None = None
 
 
-def parse_request(body: Any, cfg: ServeConfig, model_name: str) -> ChatRequest:
+def parse_request(body: Any, cfg: ServeConfig, model_name: str, engine) -> ChatRequest:
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.")
     if body.get("model") not in (None, model_name):
@@ -313,7 +360,8 @@ def parse_request(body: Any, cfg: ServeConfig, model_name: str) -> ChatRequest:
     if not isinstance(include_usage, bool):
         raise APIError(400, "stream_options.include_usage must be true or false.", param="stream_options")
     tools = check_tools(body.get("tools"))
-    return ChatRequest(body.get("messages"), tools, generation_options(body, cfg), bool(stream), include_usage)
+    images = request_image_settings(body, engine)
+    return ChatRequest(body.get("messages"), tools, generation_options(body, cfg), bool(stream), include_usage, images)
 
 
 def _refuse_constant(name: str):
@@ -456,13 +504,14 @@ def create_app(engine, cfg: ServeConfig):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = parse_request(parse_json(await read_body(request, cfg.max_request_bytes)), cfg, model_name)
+        chat = parse_request(parse_json(await read_body(request, cfg.max_request_bytes)), cfg, model_name, engine)
         release = slots.take()
         try:
             loop = asyncio.get_running_loop()
             try:
                 messages, _ = await loop.run_in_executor(None, to_hf_messages, chat.messages, cfg)
-                prompt_tokens = await loop.run_in_executor(None, engine.count_prompt_tokens, messages, chat.tools)
+                prompt_tokens = await loop.run_in_executor(None, engine.count_prompt_tokens, messages, chat.tools,
+                                                           chat.image_settings)  # fmt: skip
             except ValueError as err:  # the chat template's own checks (control tokens, roles, images)
                 code = "control_token" if type(err).__name__ == "ControlTokenError" else None
                 raise APIError(400, str(err), param="messages", code=code) from err
@@ -472,12 +521,13 @@ def create_app(engine, cfg: ServeConfig):
             completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             if chat.stream:
                 stream = stream_chunks(engine, messages, chat.tools, chat.options, model_name, completion_id,
-                                       prompt_tokens, include_usage=chat.include_usage)  # fmt: skip
+                                       prompt_tokens, include_usage=chat.include_usage,
+                                       image_settings=chat.image_settings)  # fmt: skip
                 response = SlotStreamingResponse(stream, release, media_type="text/event-stream")
                 release = None  # the response gives the slot back
                 return response
             future = loop.create_future()
-            batcher.jobs.put(Job(messages, chat.tools, chat.options, future, loop))
+            batcher.jobs.put(Job(messages, chat.tools, chat.options, future, loop, chat.image_settings))
             try:
                 result = await future
             except Exception as err:
@@ -522,7 +572,7 @@ def completion_body(engine, result: dict, model_name: str, completion_id: str) -
 
 
 async def stream_chunks(engine, messages, tools, options, model_name, completion_id, prompt_tokens,
-                        include_usage: bool = False):  # fmt: skip
+                        include_usage: bool = False, image_settings: dict[str, Any] | None = None):  # fmt: skip
     """Server-sent events in OpenAI's chunk format; tool calls arrive as one final delta. Always ends with a finish
     chunk and `[DONE]` (an error mid-stream is reported as an error event first); a client that goes away stops
     the generation and its threads."""
@@ -549,7 +599,8 @@ async def stream_chunks(engine, messages, tools, options, model_name, completion
     def produce() -> None:
         pieces = None
         try:
-            pieces = engine.chat(messages, tools=tools, stream=True, cancel=cancel, **options)
+            pieces = engine.chat(messages, tools=tools, stream=True, cancel=cancel, image_settings=image_settings,
+                                 **options)  # fmt: skip
             for piece in pieces:
                 if cancel.is_set():
                     break
@@ -601,6 +652,6 @@ def serve(cfg: ServeConfig) -> None:
 
     from .engine import load
 
-    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    engine = load(cfg.model, trust_remote_code=cfg.trust_remote_code, image_settings=cfg.image_settings())
     print(f"N2-Eye serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAI API at /v1, chat page at /)")
     uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="warning")

@@ -119,37 +119,55 @@ class N2EyeModel(N2EyePreTrainedModel):
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Runs the vision tower and returns one (h, w, channels) feature grid per image.
+        """Runs the vision tower and returns one (h, w, channels) feature grid per crop, in input order.
 
-        Fixed resolution: pixel_values (n_images, 3, H, W). SigLIP2 NaFlex: pixel_values
-        (n_images, max_patches, 3*p*p) with `spatial_shapes` (n_images, 2) and `pixel_attention_mask`.
+        Fixed resolution: pixel_values (n_images, 3, H, W). SigLIP2 NaFlex: pixel_values (n_crops, patches, 3*p*p)
+        with `spatial_shapes` (n_crops, 2) and `pixel_attention_mask` (n_crops, patches), as the processor returns
+        them; crops with the same number of real patches run together with no padding. Why: a crop's features then
+        never depend on what it was batched or padded with (SDPA's sums change in the last bits with the padded
+        length), so cached features equal recomputed ones exactly, and no work goes into padding.
         """
         if spatial_shapes is None and self.config.vision_config.model_type == "siglip2_vision_model":
             raise ValueError(
                 "This checkpoint's vision encoder is SigLIP2 NaFlex: its images need the processor's `spatial_shapes` "
-                "and `pixel_attention_mask` too (pass the processor's whole output, as the model's forward and "
-                "generate take it). N2-Eye's chat engine, server and `n2eye train` don't pass them yet; for those, "
-                "build with a fixed-resolution encoder such as google/siglip2-so400m-patch14-384."
+                "and `pixel_attention_mask` too. Pass the processor's whole output (as the model's forward and "
+                "generate take it), not `pixel_values` alone."
             )
-        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        layer = self.config.vision_feature_layer
-        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
-            dtype = self.vision_tower.dtype
-            kwargs = {"output_hidden_states": layer != -1}
-            if spatial_shapes is not None:
-                kwargs.update(spatial_shapes=spatial_shapes, pixel_attention_mask=pixel_attention_mask)
-            out = self.vision_tower(pixel_values=pixel_values.to(dtype), return_dict=True, **kwargs)
-            feats = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
         if spatial_shapes is None:
+            feats = self._vision_features(pixel_values)
             n, tokens, c = feats.shape
             side = int(round(tokens**0.5))
             if side * side != tokens:
                 raise ValueError(f"Vision tower returned {tokens} patch features per image, not a square grid.")
             return list(feats.reshape(n, side, side, c).unbind(0))
-        grids = []
-        for i, (h, w) in enumerate(spatial_shapes.tolist()):
-            grids.append(feats[i, : h * w].reshape(h, w, -1))
+        shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+        lengths = [h * w for h, w in shapes]
+        if pixel_attention_mask is not None:
+            real = pixel_attention_mask.sum(dim=1).tolist()
+            if [int(r) for r in real] != lengths:
+                raise ValueError(f"pixel_attention_mask marks {real} real patches per crop but spatial_shapes "
+                                 f"{shapes} say {lengths}: pass the processor's output unchanged.")  # fmt: skip
+        grids: list[torch.Tensor | None] = [None] * len(shapes)
+        for length in sorted(set(lengths)):
+            group = [i for i, n in enumerate(lengths) if n == length]
+            index = torch.tensor(group, device=pixel_values.device)
+            feats = self._vision_features(
+                pixel_values[index, :length],
+                spatial_shapes=spatial_shapes[index.to(spatial_shapes.device)],
+                pixel_attention_mask=torch.ones(len(group), length, dtype=torch.int32, device=pixel_values.device),
+            )
+            for row, i in enumerate(group):
+                grids[i] = feats[row, :length].reshape(*shapes[i], -1)
         return grids
+
+    def _vision_features(self, pixel_values: torch.Tensor, **naflex) -> torch.Tensor:
+        """The vision tower's patch features at `vision_feature_layer` (no gradients when the tower is frozen)."""
+        tower_trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        layer = self.config.vision_feature_layer
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trainable):
+            out = self.vision_tower(pixel_values=pixel_values.to(self.vision_tower.dtype), return_dict=True,
+                                    output_hidden_states=layer != -1, **naflex)  # fmt: skip
+            return out.last_hidden_state if layer == -1 else out.hidden_states[layer]
 
     def get_image_features(
         self,
@@ -157,7 +175,7 @@ class N2EyeModel(N2EyePreTrainedModel):
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Projected features, one (tokens_i, lm_hidden) tensor per image, in input order."""
+        """Projected features, one (tokens_i, lm_hidden) tensor per crop (per image at fixed resolution), in order."""
         grids = self.encode_images(pixel_values, spatial_shapes, pixel_attention_mask)
         return self.project_grids(grids)
 
@@ -218,7 +236,7 @@ class N2EyeModel(N2EyePreTrainedModel):
         packed_attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> N2EyeModelOutputWithPast:
-        """`vision_features`: precomputed vision-tower grids (one (h, w, c) tensor per image, e.g. from a feature
+        """`vision_features`: precomputed vision-tower grids (one (h, w, c) tensor per crop, e.g. from a feature
         cache) used instead of `pixel_values`; the projector still runs, so it can train."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from ..image_settings import ImageOptions
+
 TRAIN_MODES = ("projector", "full", "lora")
 # --lr-schedule names -> transformers' scheduler types (wsd: warmup, constant, decay: loss keeps falling at the
 # peak rate instead of the rate shrinking from the first step after the warmup).
@@ -87,7 +89,7 @@ def parse_trainer_args(value: list[str] | dict[str, Any] | None) -> dict[str, An
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ImageOptions):
     """Options of `n2eye train`. A `ta_field` with no docstring under it has nothing to add to transformers' help."""
 
     model: str

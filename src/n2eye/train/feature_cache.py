@@ -1,8 +1,12 @@
 """Frozen-vision feature cache: each image goes through the vision tower once, ever.
 
 With the vision tower frozen its output for an image never changes, so the grids (pre-projector, so the
-projector still trains) are stored on disk keyed by a hash of the preprocessed pixels and of the encoder,
-and reused across epochs and runs. Writes are atomic; a changed encoder gets a fresh namespace.
+projector still trains) are stored on disk, one per crop, keyed by a hash of what the encoder sees
+(`VisionInputs.keys`: a fixed-resolution image's pixels; a NaFlex crop's spatial shape and real patches, which
+change with the image and with every setting that changes its crops: token budget, splitting, tile size,
+thumbnail), and reused across epochs and runs. Writes are atomic; a changed encoder gets a fresh namespace.
+NaFlex crops are encoded without padding (`encode_images`), so a cached grid is exactly what a training forward
+without the cache computes, however the crops were batched.
 
 The grids are computed the way the run's training forward would compute them: on the run's device and, for a
 bf16 run, under bf16 autocast (its own namespace, so a float32 run never reuses bf16 grids). Filling the cache
@@ -21,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..vision_inputs import VisionInputs
+
 
 def encoder_fingerprint(model) -> str:
     """Hash of the vision config, the feature layer and a sample of every vision weight (cheap, and changes when
@@ -36,12 +42,11 @@ def encoder_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def pixel_key(pixels: torch.Tensor) -> str:
-    return hashlib.sha256(pixels.detach().contiguous().cpu().numpy().tobytes()).hexdigest()
+Crops = VisionInputs | torch.Tensor  # crops, or a fixed-resolution pixel_values tensor
 
 
 class VisionFeatureCache:
-    """Disk cache of vision-tower grids for one encoder; `grids(pixel_values)` returns one tensor per image."""
+    """Disk cache of vision-tower grids for one encoder; `grids(crops)` returns one tensor per crop."""
 
     def __init__(self, model, cache_dir: str | os.PathLike, batch_size: int = 16, bf16: bool = False,
                  device: str | torch.device | None = None):  # fmt: skip
@@ -58,21 +63,27 @@ class VisionFeatureCache:
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.safetensors"
 
-    def grids(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """One grid per image: read from disk, computed and stored first where new."""
-        return self.load(self.fill(pixel_values))
+    def grids(self, crops: Crops) -> list[torch.Tensor]:
+        """One grid per crop: read from disk, computed and stored first where new."""
+        return self.load(self.fill(crops))
 
-    def fill(self, pixel_values: torch.Tensor) -> list[str]:
-        """Computes and stores the grids of the images not on disk yet (counted as hits / misses); returns every
-        image's key for `load`."""
-        keys = [pixel_key(p) for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if not self._path(k).exists()]
+    def fill(self, crops: Crops) -> list[str]:
+        """Computes and stores the grids of the crops not on disk yet (counted as hits / misses); returns every
+        crop's key for `load`."""
+        crops = VisionInputs.of(crops)
+        if crops is None:
+            return []
+        keys = crops.keys()
+        first: dict[str, int] = {}  # each new key once (a tile repeated within an image is encoded once)
+        for i, key in enumerate(keys):
+            if key not in first and not self._path(key).exists():
+                first[key] = i
+        missing = list(first.values())
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            computed = self._encode(pixel_values[chunk])
-            for index, grid in zip(chunk, computed):
+            for index, grid in zip(chunk, self._encode(crops.select(chunk))):
                 path = self._path(keys[index])
                 tmp = path.with_suffix(f".tmp-{os.getpid()}")
                 save_file({"grid": grid.contiguous().cpu()}, str(tmp))
@@ -80,18 +91,19 @@ class VisionFeatureCache:
         return keys
 
     @staticmethod
-    def keys(pixel_values: torch.Tensor) -> list[str]:
-        """The cache keys of these images (their preprocessed pixels)."""
-        return [pixel_key(p) for p in pixel_values]
+    def keys(crops: Crops) -> list[str]:
+        """The cache keys of these crops (`VisionInputs.keys`)."""
+        crops = VisionInputs.of(crops)
+        return crops.keys() if crops is not None else []
 
     def load(self, keys: list[str]) -> list[torch.Tensor]:
         return [load_file(str(self._path(k)))["grid"] for k in keys]
 
-    def _encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """The tower's grids for new images, on the tower's device, in the run's precision, stored in the
+    def _encode(self, crops: VisionInputs) -> list[torch.Tensor]:
+        """The tower's grids for new crops, on the tower's device, in the run's precision, stored in the
         tower's dtype (what the projector takes outside autocast too)."""
         tower = self.model.model.vision_tower
         device = next(tower.parameters()).device
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            grids = self.model.model.encode_images(pixels.to(device))
+            grids = self.model.model.encode_images(**crops.model_kwargs(device))
         return [g.to(tower.dtype) for g in grids]

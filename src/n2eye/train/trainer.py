@@ -22,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
 from ..data.examples import prepare_datasets
 from ..data.report import SkipReport
+from ..image_settings import checked_image_settings
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.packed_attention import PACKED_SDPA
 from ..modeling.processing_n2eye import N2EyeProcessor
@@ -186,6 +187,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
     if cfg.keep_freed_memory and not torch.cuda.is_available():
         keep_freed_memory()
     processor = N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True)
+    checked_image_settings(processor, cfg.image_settings())  # a bad --max-image-tokens fails before any work
     model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
     if cfg.pack and model.config.text_config._attn_implementation == "sdpa":
         model.set_attn_implementation({"text_config": PACKED_SDPA})  # attention per packed sample: same result
