@@ -67,6 +67,9 @@ def expected_answer(session: questions.Session, turn: questions.Turn) -> str:
     if m := re.fullmatch(r"What shape is the (\w+) object\?", q):
         (obj,) = having(scene, colour=m[1])
         return obj.shape
+    if m := re.fullmatch(r"What shape is at the (top|bottom) (left|right)\?", q):
+        (obj,) = [o for o in objs if side(scene, o, "y") == m[1] and side(scene, o, "x") == m[2]]
+        return obj.shape
     if m := re.fullmatch(r"How many (\w+)s are there\?", q):
         return str(len(objs) if m[1] == "object" else len(having(scene, shape=m[1])))
     if m := re.fullmatch(r"Is the (\w+) (\w+) (on the left or the right|at the top or the bottom)\?", q):

@@ -165,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from ..train.config import TrainConfig
     from ..train.trainer import train
     from .baselines import chance_levels
-    from .questions import EARLIER_MIDDLE_MODES
+    from .questions import EARLIER_MIX
     from .writers import tokenizer_corpus, write_demo_dataset
 
     settings = dict(QUICK if cfg.quick else FULL)
@@ -188,10 +188,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     data_dir = out / "data"
     if not _stage_done(data_dir):
         shutil.rmtree(data_dir, ignore_errors=True)
-        mix = EARLIER_MIDDLE_MODES if settings["earlier_question_mix"] else None  # None: questions.MIDDLE_MODES
+        mix = EARLIER_MIX if settings["earlier_question_mix"] else None  # None: questions.MIX
         written = write_demo_dataset(data_dir, settings["n_train"], settings["n_heldout"], seed=cfg.seed,
                                      size=IMAGE_SIZE, colour_sentences=settings["colour_sentences"],
-                                     middle_modes=mix)  # fmt: skip
+                                     mix=mix)  # fmt: skip
         _mark_done(data_dir, {k: {kk: str(vv) for kk, vv in v.items()} for k, v in written.items()
                               if k in ("train", "heldout")})  # fmt: skip
     paths = json.loads((data_dir / ".done").read_text())

@@ -24,13 +24,14 @@ import hashlib
 import io
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from .baselines import blind_baseline, chance_levels, qtype_counts
-from .questions import MAX_TURNS, MIDDLE_MODES, MIN_TURNS, QTYPES, TOOLS, Session, in_sentences, make_sessions
+from .questions import MAX_TURNS, MIN_TURNS, MIX, QTYPES, TOOLS, QuestionMix, Session, in_sentences, make_sessions
 from .world import COLOURS, GRID, MAX_OBJECTS, MIN_OBJECTS, SHAPES, SIDE_FRACTIONS, pixel_statistics
 
 DOMAIN_NAMES = ("shapes",)
@@ -201,13 +202,13 @@ def write_cragmm(sessions: Sequence[Session], out_dir: str | Path, split: str) -
 
 
 def _heldout_sessions(
-    n: int, seed: int, seen: set[str], size: int = 96, middle_modes: dict[str, float] | None = None
+    n: int, seed: int, seen: set[str], size: int = 96, mix: QuestionMix | None = None
 ) -> list[Session]:
     """Held-out sessions whose images never appear in train (pixel hashes), from a disjoint seed."""
     kept: list[Session] = []
     attempt = 0
     while len(kept) < n:
-        batch = make_sessions(n, seed + 7919 * (attempt + 1), size=size, id_prefix="heldout", middle_modes=middle_modes)
+        batch = make_sessions(n, seed + 7919 * (attempt + 1), size=size, id_prefix="heldout", mix=mix)
         kept += [s for s in batch if not any(image_hash(i) in seen for i in s.images)]
         attempt += 1
     kept = kept[:n]
@@ -230,16 +231,16 @@ def tokenizer_corpus(n_sessions: int = 600, seed: int = 104723) -> list[str]:
 def write_demo_dataset(
     out_dir: str | Path, n_train: int, n_heldout: int, seed: int = 0, *, size: int = 96,
     colour_sentences: bool = False,
-    middle_modes: dict[str, float] | None = None,
+    mix: QuestionMix | None = None,
 ) -> dict[str, Any]:
     """Train and held-out splits (CRAG-MM parquet + extra JSONL each), `manifest.json`, and chance levels.
     `colour_sentences`: colour answers as "The circle is red." (`colour_sentence`) instead of "red";
-    `middle_modes`: see `make_sessions`."""
+    `mix`: see `make_sessions`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train = make_sessions(n_train, seed, size=size, id_prefix="train", middle_modes=middle_modes)
+    train = make_sessions(n_train, seed, size=size, id_prefix="train", mix=mix)
     seen = {image_hash(image) for s in train for image in s.images}
-    heldout = _heldout_sessions(n_heldout, seed, seen, size, middle_modes)
+    heldout = _heldout_sessions(n_heldout, seed, seen, size, mix)
     if colour_sentences:
         train, heldout = [in_sentences(x) for x in train], [in_sentences(x) for x in heldout]
     result: dict[str, Any] = {"out_dir": out}
@@ -253,7 +254,7 @@ def write_demo_dataset(
             "object_side_fraction_of_cell": list(SIDE_FRACTIONS),
             "turns_per_session": [MIN_TURNS, MAX_TURNS],
             "colour_answers": "sentences" if colour_sentences else "words",
-            "middle_modes": middle_modes or MIDDLE_MODES,
+            "question_mix": asdict(mix or MIX),
         },
         "pixel_statistics": dict(zip(("mean", "std"), pixel_statistics(i for s in train for i in s.images))),
         "qtypes": list(QTYPES),
