@@ -43,9 +43,10 @@ def test_build_from_local_backbones_adds_tokens_and_keeps_weights(tmp_path, n2ey
 
 
 @pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
-def test_naflex_checkpoint_generates_through_transformers_and_says_what_our_engine_lacks(tmp_path, n2eye_cache):
-    """A SigLIP2 NaFlex encoder builds and runs through plain transformers (the processor's whole output); our
-    engine and trainer don't pass its spatial_shapes yet, and say so instead of failing inside SigLIP2."""
+def test_naflex_checkpoint_generates_through_transformers_and_our_engine(tmp_path, n2eye_cache):
+    """A SigLIP2 NaFlex encoder builds and runs through plain transformers (the processor's whole output) and
+    through our engine, which passes its spatial_shapes and pixel_attention_mask on (tests/test_naflex_pipeline.py
+    checks the engine's answers against generate)."""
     from transformers import (AutoModelForImageTextToText, AutoProcessor, Siglip2ImageProcessor, Siglip2VisionConfig,
                               Siglip2VisionModel)  # fmt: skip
 
@@ -71,8 +72,8 @@ def test_naflex_checkpoint_generates_through_transformers_and_says_what_our_engi
     assert "spatial_shapes" in inputs
     generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 2
-    with pytest.raises(ValueError, match="SigLIP2 NaFlex.*spatial_shapes.*fixed-resolution encoder"):
-        n2eye.load(out).chat(messages, max_new_tokens=2, temperature=0)
+    answer = n2eye.load(out).chat(messages, max_new_tokens=2, temperature=0)
+    assert isinstance(answer, str)
 
 
 def test_cli_build_and_generate_tiny(tmp_path):
