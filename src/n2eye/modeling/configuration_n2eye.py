@@ -24,6 +24,8 @@ class N2EyeConfig(PreTrainedConfig):
     projector_hidden_act (`str`, defaults to `"gelu"`): the MLP's activation.
     projector_bias (`bool`, defaults to `True`): biases in the projector's linear layers.
     downsample_factor (`int`, defaults to 2): pixel-unshuffle factor (`pixel_unshuffle_mlp` only).
+    projector_use_layernorm (`bool`, defaults to `True`): LayerNorm after the pixel unshuffle (`pixel_unshuffle_mlp`
+        only), as Lfm2Vl's option of that name.
     image_token_id (`int`): id of the `<image>` token whose positions receive image features.
     vision_feature_layer (`int`, defaults to -1): which vision hidden state feeds the projector; -1 is the
         last one after SigLIP's post-layernorm, other values index `hidden_states`.
@@ -43,6 +45,7 @@ class N2EyeConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     downsample_factor: int = 2
+    projector_use_layernorm: bool = True
     image_token_id: int = 396
     vision_feature_layer: int = -1
     freeze_vision: bool = True

@@ -25,7 +25,8 @@ class N2EyeMultiModalProjector(nn.Module):
         super().__init__()
         self.factor = config.projector_factor
         in_channels = config.vision_config.hidden_size * self.factor**2
-        self.layer_norm = nn.LayerNorm(in_channels) if self.factor > 1 else None
+        use_layer_norm = self.factor > 1 and config.projector_use_layernorm
+        self.layer_norm = nn.LayerNorm(in_channels) if use_layer_norm else None
         self.linear_1 = nn.Linear(in_channels, config.projector_hidden_size, bias=config.projector_bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size, bias=config.projector_bias)
@@ -34,6 +35,7 @@ class N2EyeMultiModalProjector(nn.Module):
         """grid: (batch, h, w, channels) -> (batch, tokens, lm_hidden)."""
         if self.factor > 1:
             grid = self.pixel_unshuffle(grid)
+        if self.layer_norm is not None:
             grid = self.layer_norm(grid)
         hidden = self.linear_2(self.act(self.linear_1(grid)))
         return hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -178,6 +179,17 @@ def training_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     return TrainingArguments(**{**defaults, **cfg.trainer_args, **own_training_arguments(cfg, has_eval)})
 
 
+def check_marks_assistant_turns(chat_template: str | None, model: str) -> None:
+    """Labels come from the template's `{% generation %}` blocks: without them every row would have no label."""
+    if not chat_template or not re.search(r"\{%-?\s*generation\s*-?%\}", chat_template):
+        raise ValueError(
+            f"{model}'s chat template has no {{% generation %}} blocks, so training can't tell the assistant's tokens "
+            "(its labels) from the prompt. `n2eye convert --to n2eye` keeps a source's template only when N2-Eye's "
+            "renders differently; put N2-Eye's template (n2eye/modeling/chat_template.jinja) in the folder's "
+            "chat_template.jinja if the model's format is LFM2 ChatML, or add {% generation %} around assistant turns."
+        )
+
+
 def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Runs `n2eye train`; returns the folder of the final model (out/final, or out/merged for --merge)."""
     out = Path(cfg.out)
@@ -188,6 +200,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         keep_freed_memory()
     processor = N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True)
     checked_image_settings(processor, cfg.image_settings())  # a bad --max-image-tokens fails before any work
+    check_marks_assistant_turns(processor.chat_template, cfg.model)
     model = N2EyeForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32)
     if cfg.pack and model.config.text_config._attn_implementation == "sdpa":
         model.set_attn_implementation({"text_config": PACKED_SDPA})  # attention per packed sample: same result
