@@ -138,6 +138,32 @@ def test_readme_bench_command_writes_records_table_and_chart(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_native_resolution_figures_run_against_transformers_lfm2vl():
+    """The LFM2-VL shapes' figures: the reference is transformers' own Lfm2Vl with the very weights (its image
+    features equal ours), the tiled photo is 7 crops, and the first-token time covers a 1600x1200 photo."""
+    from n2eye.bench import lfm2vl_reference, native_resolution_records
+    from n2eye.build import build_random
+    from n2eye.infer.engine import N2Eye
+    from n2eye.vision_inputs import VisionInputs
+
+    model, processor = build_random("tiny-lfm2-vl")
+    reference = lfm2vl_reference(model)
+    assert type(reference).__name__ == "Lfm2VlForConditionalGeneration"
+    assert lfm2vl_reference(build_random("tiny")[0]) is None  # fixed resolution: no Lfm2Vl counterpart
+    from PIL import Image
+
+    crops = VisionInputs.of(processor(images=[Image.new("RGB", (1600, 1200), (90, 140, 30))], text="<image>",
+                                      return_tensors="pt")).model_kwargs()  # fmt: skip
+    with torch.no_grad():
+        ours, theirs = model.get_image_features(**crops), reference.get_image_features(**crops).pooler_output
+    assert len(ours) == len(theirs) == 7
+    assert max((a - b).abs().max().item() for a, b in zip(ours, theirs)) <= 1e-5
+    records = {r["name"]: r for r in native_resolution_records(N2Eye(model, processor), reference, repeats=1)}
+    assert records["vision_encode_native"]["crops"] == 1 and records["vision_encode_tiles"]["crops"] == 7
+    assert records["ttft_1600x1200"]["prompt_tokens"] > 1770
+    assert all(r["ours"] > 0 and r["reference"] > 0 for r in records.values())
+
+
 def _tiny_language_model():
     from n2eye.build import build_random
 

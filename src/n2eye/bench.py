@@ -28,6 +28,7 @@ import torch
 
 from .infer.fast_decode import use_fast_decode
 from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
+from .vision_inputs import VisionInputs
 
 
 @dataclass
@@ -37,7 +38,8 @@ class BenchConfig:
     out: str = "bench.json"
     """Result JSON (a list of records); the markdown table and the PNG chart go beside it."""
     preset: str = "tiny"
-    """Model shapes: tiny or n2eye-1.3b (random init, no download)."""
+    """Model shapes (random init, no download): tiny, n2eye-1.3b, or the LFM2-VL ones (tiny-lfm2-vl, lfm2-vl-450m,
+    lfm2-vl-1.6b: native resolution and tiles, measured against transformers' own Lfm2Vl on the same weights)."""
     new_tokens: int = 32
     """Tokens generated per decode measurement."""
     prompt_tokens: int = 64
@@ -70,7 +72,10 @@ class BenchConfig:
 # checkpointing.
 TRAIN_SETTINGS: dict[str, dict[str, Any]] = {
     "tiny": {"train": "full", "batch_size": 8, "steps": 30, "bf16": False, "sessions": 96},
+    "tiny-lfm2-vl": {"train": "full", "batch_size": 8, "steps": 30, "bf16": False, "sessions": 96},
     "n2eye-1.3b": {"train": "lora", "batch_size": 1, "steps": 4, "bf16": True, "sessions": 4},
+    "lfm2-vl-450m": {"train": "lora", "batch_size": 1, "steps": 4, "bf16": True, "sessions": 4},
+    "lfm2-vl-1.6b": {"train": "lora", "batch_size": 1, "steps": 4, "bf16": True, "sessions": 4},
     "n2eye-1.3b@cuda": {"train": "full", "batch_size": 2, "steps": 10, "bf16": True, "sessions": 20,
                         "gradient_checkpointing": True},
 }
@@ -267,9 +272,11 @@ def _example_image(size: int = 384):
     return image
 
 
-def ttft_records(engine, turns: int = 5) -> list[dict[str, Any]]:
+def ttft_records(engine, turns: int = 5, reference_model=None) -> list[dict[str, Any]]:
     """Time to first token of each turn of a 5-turn image chat: our cached session (only the new turn runs)
-    against a plain transformers re-prefill of the whole conversation with the image encoded again."""
+    against a plain transformers re-prefill of the whole conversation with the image encoded again (by our model's
+    `generate`, or `reference_model`'s: transformers' own Lfm2Vl on the same weights for LFM2-VL shapes)."""
+    reference_model = reference_model or engine.model
     image = _example_image()
     questions = ["What do you see?", "What colour is the circle?", "And the square?", "Which is bigger?",
                  "Where is the circle?"][:turns]  # fmt: skip
@@ -288,11 +295,71 @@ def ttft_records(engine, turns: int = 5) -> list[dict[str, Any]]:
                                                       return_dict=True, return_tensors="pt")  # fmt: skip
         inputs.pop("assistant_masks", None)
         with torch.inference_mode():
-            engine.model.generate(**inputs.to(engine.model.device), max_new_tokens=1, do_sample=False)
+            reference_model.generate(**inputs.to(engine.model.device), max_new_tokens=1, do_sample=False)
         synchronize(engine.model.device)
         reference = time.perf_counter() - start
         records.append(_record(f"ttft_turn{i}", "s", ours, reference, prompt_tokens=int(inputs["input_ids"].shape[1])))
     return records
+
+
+def native_resolution_records(engine, reference_model, repeats: int) -> list[dict[str, Any]]:
+    """LFM2-VL shapes (SigLIP2 NaFlex, tiles): vision encode of one image at native resolution (448x336, one crop)
+    and of a 1600x1200 photo (6 tiles of 512 px + a thumbnail), and the time to first token of a one-turn chat
+    about that photo, processor included. Reference: transformers' `Lfm2VlForConditionalGeneration` on the same
+    weights and the same processor output (token for token transformers' Lfm2VlProcessor's)."""
+    device = engine.model.device
+    records = []
+    for name, size in (("vision_encode_native", (448, 336)), ("vision_encode_tiles", (1600, 1200))):
+        image = _example_image().resize(size)
+        crops = engine.processor(images=[image], text="<image>", return_tensors="pt")
+        inputs = {k: crops[k].to(device) for k in ("pixel_values", "spatial_shapes", "pixel_attention_mask")}
+
+        def ours():
+            engine.vision_cache.items.clear()  # a new image each time, as in a new chat
+            with torch.inference_mode():
+                engine.model.model.project_grids(engine.vision_cache.grids(VisionInputs.of(inputs)))
+
+        def reference():
+            with torch.inference_mode():
+                reference_model.get_image_features(**inputs)
+
+        records.append(_record(name, "images/s", 1 / _best(ours, repeats, device), 1 / _best(reference, repeats, device),
+                               crops=int(inputs["pixel_values"].shape[0]), image_size=list(size)))  # fmt: skip
+    photo = _example_image().resize((1600, 1200))
+    content = [{"type": "image", "image": photo}, {"type": "text", "text": "What is in this photo?"}]
+
+    def ours_ttft():
+        engine.vision_cache.items.clear()
+        engine.session().send(content, max_new_tokens=1, temperature=0)
+
+    def reference_ttft():
+        inputs = engine.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                      tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+        inputs.pop("assistant_masks", None)
+        with torch.inference_mode():
+            reference_model.generate(**inputs.to(device), max_new_tokens=1, do_sample=False)
+
+    ours_ttft()  # one-off costs (allocations, lazy init) are not a turn's figure
+    prompt = engine.count_prompt_tokens([{"role": "user", "content": content}])
+    records.append(_record("ttft_1600x1200", "s", _best(ours_ttft, repeats, device),
+                           _best(reference_ttft, repeats, device), prompt_tokens=prompt))  # fmt: skip
+    return records
+
+
+def lfm2vl_reference(model):
+    """transformers' own Lfm2Vl with this model's weights (same dtype and device), or None when the model is not
+    of Lfm2Vl shape (fixed-resolution encoder or MLP projector)."""
+    from transformers import Lfm2VlForConditionalGeneration
+
+    from .convert.lfm2vl import lfm2vl_config_from_n2eye
+
+    config = model.config
+    if config.vision_config.model_type != "siglip2_vision_model" or config.projector_type != "pixel_unshuffle_mlp":
+        return None
+    reference = Lfm2VlForConditionalGeneration(lfm2vl_config_from_n2eye(config))
+    reference.load_state_dict(model.state_dict(), strict=True)
+    reference.generation_config = copy.deepcopy(model.generation_config)
+    return reference.to(device=model.device, dtype=model.dtype).eval()
 
 
 def vision_record(engine, repeats: int) -> dict[str, Any]:
@@ -318,11 +385,13 @@ def vision_seconds_per_image(model, processor, bf16: bool, repeats: int) -> floa
     autocast when the run trains in bf16, no gradients): the work the feature cache takes out of each step."""
     tower = model.model.vision_tower
     dtype, device = tower.dtype, model.device
-    pixels = processor.image_processor(images=[_example_image()], return_tensors="pt")["pixel_values"].to(device)
+    # the shapes world's 96 px pictures: at native resolution they stay small (64 tokens), fixed ones are resized
+    image = _example_image(96 if getattr(processor, "image_policy", None) else 384)
+    crops = VisionInputs.of(processor(images=[image], text="<image>", return_tensors="pt")).model_kwargs(device)
     tower.float()  # as `n2eye train` loads it; bf16 -> float32 -> bf16 below is exact
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return _best(lambda: model.model.encode_images(pixels), repeats, device)
+            return _best(lambda: model.model.encode_images(**crops), repeats, device)
     finally:
         tower.to(dtype)
 
@@ -500,10 +569,16 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     model = model.to(device=cfg.device, dtype=torch.bfloat16).eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     records = [_record("memory_read_bandwidth", "GB/s", bandwidth, None)]
+    reference = lfm2vl_reference(model)  # transformers' own Lfm2Vl, for LFM2-VL shapes
     steps = [("decode", lambda: decode_records(model, cfg, bandwidth)),
              ("prefill", lambda: [prefill_record(model, cfg)]),
-             ("time to first token, 5-turn chat", lambda: ttft_records(N2Eye(model, processor))),
-             ("vision encode", lambda: [vision_record(N2Eye(model, processor), cfg.repeats)])]  # fmt: skip
+             ("time to first token, 5-turn chat", lambda: ttft_records(N2Eye(model, processor),
+                                                                       reference_model=reference))]  # fmt: skip
+    if reference is None:
+        steps.append(("vision encode", lambda: [vision_record(N2Eye(model, processor), cfg.repeats)]))
+    else:
+        steps.append(("native resolution and tiles, against transformers' Lfm2Vl",
+                      lambda: native_resolution_records(N2Eye(model, processor), reference, cfg.repeats)))  # fmt: skip
     if cfg.train_steps != 0:
         import tempfile
 

@@ -272,8 +272,9 @@ def build_random(preset_name: str, seed: int = 0):
     from .fixtures import train_tiny_tokenizer
 
     preset = get_preset(preset_name)
-    if preset.lm_config is None:  # the tiny preset is random-init by construction
-        return build_from_sources(*_tiny_sources(), projector=preset.projector, seed=seed)
+    if preset.lm_config is None:  # the tiny presets are random-init by construction
+        return build_from_sources(*_tiny_sources(preset.projector == "pixel_unshuffle_mlp"), projector=preset.projector,
+                                  seed=seed, projector_hidden_size=preset.projector_hidden_size)  # fmt: skip
     text_config = AutoConfig.for_model(**load_bundled_json(preset.lm_config))
     vision_config = AutoConfig.for_model(**load_bundled_json(preset.vision_config))
     processor_config = load_bundled_json(preset.image_processor_config)
@@ -298,11 +299,23 @@ def _without_type(d: dict) -> dict:
     return {k: v for k, v in d.items() if k not in ("image_processor_type", "processor_class")}
 
 
-def _tiny_sources() -> tuple[str, str]:
+def _tiny_sources(naflex: bool = False) -> tuple[str, str]:
     from .fixtures import make_tiny_backbones
 
     paths = make_tiny_backbones(cache_dir() / "tiny-backbones")
-    return str(paths["lm"]), str(paths["vision"])
+    return str(paths["lm"]), str(paths["naflex_vision" if naflex else "vision"])
+
+
+def siglip2_image_processor_class():
+    """SigLIP2's image processor class: the Pillow one where torchvision is missing (LFM2-VL's image policy makes
+    the crops with Pillow anyway)."""
+    from transformers.utils.import_utils import is_torchvision_available
+
+    if is_torchvision_available():
+        return Siglip2ImageProcessor
+    from transformers import Siglip2ImageProcessorPil
+
+    return Siglip2ImageProcessorPil
 
 
 def build_from_sources(
@@ -334,7 +347,7 @@ def build(cfg: BuildConfig) -> Path:
             raise ValueError("--projector can't change a --random-init preset; build from --lm/--vision instead.")
     else:
         if preset is not None and preset.lm is None:
-            lm, vision = _tiny_sources()
+            lm, vision = _tiny_sources(preset.projector == "pixel_unshuffle_mlp")
         else:
             lm = cfg.lm or preset.lm
             vision = cfg.vision or preset.vision

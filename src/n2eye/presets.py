@@ -39,6 +39,15 @@ PRESETS: dict[str, Preset] = {
         vision=None,
         projector="mlp",
     ),
+    "tiny-lfm2-vl": Preset(
+        name="tiny-lfm2-vl",
+        description="the tiny LFM2 + a random-init SigLIP2 NaFlex (patch 16, 2 layers) + pixel-unshuffle projector: "
+        "the LFM2-VL shape (native resolution, 512 px tiles + thumbnail) in seconds on CPU",
+        lm=None,
+        vision=None,
+        projector="pixel_unshuffle_mlp",
+        projector_hidden_size=48,
+    ),
     "n2eye-1.3b": Preset(
         name="n2eye-1.3b",
         description="LiquidAI/LFM2-1.2B + google/siglip2-so400m-patch14-384 + MLP projector (the N2-Eye card)",

@@ -189,21 +189,11 @@ def _check_tokenizer(tokenizer, config) -> None:
         )
 
 
-def _siglip2_image_processor(**kwargs):
-    """SigLIP2's image processor (the Pillow one where torchvision is missing; the policy makes the crops anyway)."""
-    from transformers.utils.import_utils import is_torchvision_available
-
-    if is_torchvision_available():
-        from transformers import Siglip2ImageProcessor as processor_class
-    else:
-        from transformers import Siglip2ImageProcessorPil as processor_class
-    return processor_class(**kwargs)
-
-
 def import_lfm2vl(source: str, out: str | Path, dtype: torch.dtype | None = None) -> tuple[Path, dict]:
     """A transformers Lfm2Vl checkpoint (hub id or folder) -> an N2-Eye checkpoint folder. Returns (path, report)."""
     from transformers import AutoConfig, AutoTokenizer, Lfm2VlForConditionalGeneration
 
+    from ..build import siglip2_image_processor_class
     from ..checkpoint import modeling_source_dir, save_checkpoint
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
     from ..modeling.processing_n2eye import N2EyeProcessor
@@ -247,7 +237,7 @@ def import_lfm2vl(source: str, out: str | Path, dtype: torch.dtype | None = None
                          f"the source's, kept verbatim ({why}); `n2eye train` needs {{% generation %}} blocks")  # fmt: skip
     tokenizer.chat_template = template
     processor = N2EyeProcessor(
-        image_processor=_siglip2_image_processor(**image_processor_kwargs),
+        image_processor=siglip2_image_processor_class()(**image_processor_kwargs),
         tokenizer=tokenizer,
         chat_template=template,
         patch_size=n2eye_config.vision_config.patch_size,
