@@ -122,3 +122,27 @@ def test_every_readme_command_and_python_example(tmp_path):
     script.write_text(block_after("python-example"))
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
+def test_readme_lfm2vl_round_trip(tmp_path):
+    """The README's convert block as written, with one substitution: the hub id LiquidAI/LFM2-VL-450M becomes a
+    local folder of the same kind (a tiny Lfm2Vl made by transformers' own classes; no model hub here). The export
+    then loads with plain transformers, no remote code."""
+    from n2eye.fixtures.lfm2vl import make_tiny_lfm2vl
+
+    source = make_tiny_lfm2vl(tmp_path / "LFM2-VL-tiny")
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    n2eye = [sys.executable, "-m", "n2eye.cli"]
+    lines = block_after("convert-command").splitlines()
+    assert len(lines) == 3 and "LiquidAI/LFM2-VL-450M" in lines[0]
+    for line in lines:
+        args = [str(source) if a == "LiquidAI/LFM2-VL-450M" else a for a in shlex.split(line)]
+        result = subprocess.run(n2eye + args[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (line, result.stderr[-2000:])
+    exported = tmp_path / "lfm2-vl-450m-colours"
+    check = ("from transformers import AutoModelForImageTextToText as A; "
+             f"print(type(A.from_pretrained({str(exported)!r})).__name__)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "Lfm2VlForConditionalGeneration", result.stderr[-2000:]
+    assert not list(exported.glob("*.py"))
