@@ -37,7 +37,7 @@ COMMANDS: dict[str, Command] = {
 
 # Packages that come with an extra rather than the core install: a command that needs one says how to get it.
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "pydantic": "serve", "openai": "dev",
-          "selenium": "dev", "psutil": "dev", "pytest": "dev"}  # fmt: skip
+          "selenium": "dev", "psutil": "dev", "pytest": "dev", "llama_cpp": "gguf"}  # fmt: skip
 
 
 def missing_package(command: str, err: ModuleNotFoundError) -> SystemExit:

@@ -1,0 +1,183 @@
+"""`n2eye convert --to gguf`, proven by llama.cpp itself (llama-cpp-python): its tokenization of our chats equals
+ours, its logits match ours within each format's bound, its greedy answers are ours; bad requests write nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+# Max |llama.cpp logit - ours| as a share of our largest |logit|, per stored format (measured on the tiny model:
+# f32 1.6e-4, f16 4e-4, bf16 3e-3, q8_0 1.1e-2, q4_0 0.13; the bounds leave room for other CPUs' kernels).
+BOUNDS = {"f32": 1e-3, "f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.3}
+
+
+def _llama(path, **kwargs):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2, **kwargs)
+
+
+def _export(checkpoint, out, quant):
+    from n2eye.convert import ConvertConfig, convert
+
+    path, report = convert(ConvertConfig(model=str(checkpoint), to="gguf", out=str(out), quant=quant))
+    return path / report["language_model"]["file"], report
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_checkpoint, trust_remote_code=True)
+
+
+def _chat_text(processor, image=None) -> str:
+    tools = [{"name": "get_weather", "description": "Weather now.", "parameters": {"type": "object", "properties":
+              {"location": {"type": "string"}}}}]  # fmt: skip
+    content = [{"type": "text", "text": "What colour is the circle? Answer in 3 words, then call a tool."}]
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content},
+                {"role": "assistant", "content": "Red, I think.",
+                 "tool_calls": [{"name": "get_weather", "arguments": {"location": "Paris"}}]},
+                {"role": "tool", "content": '{"temperature": 21}'}, {"role": "user", "content": "Thanks! 123 4567"}]  # fmt: skip
+    return processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+
+
+def test_llamacpp_tokenizes_our_chats_as_we_do(tiny, tmp_path):
+    """A chat with a system prompt, tools, an image block (its expanded <image> tokens), a tool call and response:
+    the same ids from llama.cpp's tokenizer (special tokens parsed) as from ours."""
+    from conftest import draw_shapes
+
+    model, processor = tiny
+    path, _ = _export(processor_path(processor), tmp_path / "gguf", "f32")
+    llm = _llama(path, vocab_only=True)
+    try:
+        for image in (None, draw_shapes()):
+            text = _chat_text(processor, image)
+            inputs = processor(images=[image] if image is not None else None, text=text, return_text_replacement_offsets=False)
+            expanded = processor.tokenizer.decode(inputs["input_ids"][0])
+            ours = list(inputs["input_ids"][0])
+            assert llm.tokenize(expanded.encode(), add_bos=False, special=True) == ours
+    finally:
+        llm.close()
+
+
+def processor_path(processor):
+    """The checkpoint folder a processor was loaded from."""
+    return processor.tokenizer.name_or_path
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "bf16", "q8_0", "q4_0"])
+def test_llamacpp_logits_match_ours(tiny, tmp_path, quant):
+    model, processor = tiny
+    path, report = _export(processor_path(processor), tmp_path / "gguf", quant)
+    assert report["language_model"]["types"] == (["F32"] if quant == "f32" else sorted({"F32", quant.upper()}))
+    text = _chat_text(processor)
+    ids = list(processor(text=text)["input_ids"][0])
+    llm = _llama(path)
+    try:
+        llm.eval(ids)
+        theirs = np.array(llm.scores[: len(ids)])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    scale = float(np.abs(ours).max())
+    assert float(np.abs(theirs - ours).max()) <= BOUNDS[quant] * scale
+    if quant in ("f32", "f16"):
+        assert (theirs.argmax(-1) == ours.argmax(-1)).mean() > 0.95
+
+
+def test_a_trained_model_answers_the_same_through_llamacpp(trained_tiny, tmp_path):
+    """Greedy decoding of a trained model's text prompt: llama.cpp (f32) writes our tokens."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model = AutoModelForCausalLM.from_pretrained(trained_tiny, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(trained_tiny, trust_remote_code=True)
+    path, _ = _export(trained_tiny, tmp_path / "gguf", "f32")
+    prompt = processor.apply_chat_template([{"role": "user", "content": "What colour is the shape?"}],
+                                           add_generation_prompt=True)  # fmt: skip
+    ids = list(processor(text=prompt)["input_ids"][0])
+    with torch.no_grad():
+        ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, min_p=None,
+                              temperature=None, repetition_penalty=1.0, suppress_tokens=None)[0, len(ids):].tolist()  # fmt: skip
+    llm = _llama(path)
+    try:
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            theirs.append(token)
+            if len(theirs) == len(ours) or token == llm.token_eos():
+                break
+    finally:
+        llm.close()
+    assert theirs == ours
+
+
+def test_the_gguf_file_says_what_it_is(tiny, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    model, processor = tiny
+    path, _ = _export(processor_path(processor), tmp_path / "gguf", "q8_0")
+    reader = gguf.GGUFReader(str(path))
+    fields = {name: field for name, field in reader.fields.items()}
+
+    def value(name):
+        field = fields[name]
+        return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
+
+    assert value("general.architecture") == "lfm2"
+    assert value("tokenizer.ggml.pre") == "lfm2" and value("tokenizer.ggml.model") == "gpt2"
+    assert value("lfm2.shortconv.l_cache") == 3
+    text = model.config.text_config
+    assert value("lfm2.attention.head_count_kv") == [0 if t == "conv" else text.num_key_value_heads
+                                                     for t in text.layer_types]  # fmt: skip
+    assert "<|im_start|>" in value("tokenizer.chat_template")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.shortconv.conv.weight"] == "F32"
+    assert types["token_embd_norm.weight"] == "F32" and "output.weight" not in types  # tied, as llama.cpp reads it
+
+
+def test_bad_gguf_requests_write_nothing(tiny_checkpoint, source_lfm2vl, tmp_path):
+    from n2eye.convert import ConvertConfig, convert
+    from n2eye.convert.lfm2vl import ConversionError
+
+    with pytest.raises(ValueError, match="choose one of"):
+        convert(ConvertConfig(model=str(tiny_checkpoint), to="gguf", out=str(tmp_path / "a"), quant="q3_k"))
+    with pytest.raises(ValueError, match="--quant applies to --to gguf"):
+        ConvertConfig(model=str(tiny_checkpoint), to="n2eye", out=str(tmp_path / "a"), quant="q8_0")
+    with pytest.raises(ConversionError, match="exports N2-Eye checkpoints"):
+        convert(ConvertConfig(model=str(source_lfm2vl), to="gguf", out=str(tmp_path / "a")))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match="is a file"):
+        convert(ConvertConfig(model=str(tiny_checkpoint), to="gguf", out=str(blocker)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.fixture(scope="module")
+def source_lfm2vl(tmp_path_factory):
+    from n2eye.fixtures.lfm2vl import make_tiny_lfm2vl
+
+    return make_tiny_lfm2vl(tmp_path_factory.mktemp("lfm2vl") / "src")
+
+
+def test_gguf_needs_only_the_gguf_package(tiny_checkpoint, tmp_path):
+    """The export runs with llama.cpp unimportable (only `gguf` is needed) and writes every language-model tensor."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['llama_cpp'] = None\n"
+        "from n2eye.cli import main\n"
+        f"sys.exit(main(['convert', '--model', {str(tiny_checkpoint)!r}, '--to', 'gguf', '--out', {str(tmp_path / 'out')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "tensors (F16, F32)" in done.stdout
+    gguf = pytest.importorskip("gguf")
+    (path,) = (tmp_path / "out").glob("*-F16.gguf")
+    from safetensors.torch import load_file
+
+    lm = [k for k in load_file(tiny_checkpoint / "model.safetensors") if k.startswith("model.language_model.")]
+    assert len(gguf.GGUFReader(str(path)).tensors) == len(lm)
