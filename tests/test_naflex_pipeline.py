@@ -327,6 +327,8 @@ def test_server_takes_a_tiled_image_and_refuses_bad_image_settings(eye, tiny_che
                                          {"type": "text", "text": "What is it?"}]}  # fmt: skip
     s = Server(eye)
     try:
+        policy = {"min_image_tokens": 64, "max_image_tokens": 256, "do_image_splitting": True}
+        assert s.get("/v1/models")["data"][0]["image_settings"] == policy  # what the web page offers
         client = s.client()
         full = client.chat.completions.create(model="tiny-eye", messages=[photo], max_tokens=3, temperature=0)
         assert full.choices[0].message.role == "assistant" and full.usage.prompt_tokens > 1770
@@ -358,6 +360,7 @@ def test_server_takes_a_tiled_image_and_refuses_bad_image_settings(eye, tiny_che
     capped = Server(eye.__class__(eye.model, eye.processor, image_settings={"do_image_splitting": False}))
     fixed = Server(n2eye.load(tiny_checkpoint))
     try:
+        assert capped.get("/v1/models")["data"][0]["image_settings"]["do_image_splitting"] is False
         status, body = capped.post({"messages": [photo], "max_tokens": 2, "do_image_splitting": True})
         assert status == 400 and "does not split images" in body["error"]["message"]
         status, body = fixed.post({"messages": [{"role": "user", "content": "Hi"}], "max_image_tokens": 64})

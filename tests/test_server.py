@@ -58,6 +58,12 @@ class Server:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
+    def get(self, path: str, headers=None) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(urllib.request.Request(self.url + path, headers=headers or {}), timeout=60) as r:
+            return json.loads(r.read())
+
     def stop(self):
         self.server.should_exit = True
         self.thread.join(timeout=10)
@@ -89,6 +95,7 @@ def image_message(name: str, text: str = "What colour is the shape?") -> list[di
 def test_openai_client_plain_image_and_stream(server, engine):
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["tiny-eye"]
+    assert server.get("/v1/models")["data"][0]["image_settings"] is None  # fixed resolution: nothing to set
     plain = client.chat.completions.create(model="tiny-eye", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=5, temperature=0)  # fmt: skip
     assert plain.choices[0].message.role == "assistant" and plain.usage.prompt_tokens > 0

@@ -1,7 +1,7 @@
 """The web chat page in headless Chromium, in every state a user meets: empty, image loaded, streaming, an answer
-with grounding boxes drawn, a tool call, an error, and a narrow window. Each state is checked for what a user
-would see wrong (text outside its box, a control off screen) and kept as a screenshot (folder printed; set
-N2EYE_SCREENSHOTS to choose it)."""
+with grounding boxes drawn, a tool call, an error, a narrow window, an API key, and a NaFlex model's image settings
+(fixed-resolution models have none). Each state is checked for what a user would see wrong (text outside its box, a
+control off screen) and kept as a screenshot (folder printed; set N2EYE_SCREENSHOTS to choose it)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,11 @@ selenium = pytest.importorskip("selenium", reason="selenium comes with the [dev]
 BOXES = '[{"label": "circle", "bbox": [0.2, 0.2, 0.8, 0.8]}]'
 
 
-@pytest.fixture
-def scripted_engine(trained_tiny, monkeypatch):
-    """The tiny model answers; for a 'Detect' question it is scripted to answer with boxes, with a tool call when
-    tools are offered, and 'slowly' holds its answer half-way until `engine.release` is set (the tiny model can
-    do none of these on cue); the page and the server are what is tested."""
-    import n2eye
-
-    engine = n2eye.load(trained_tiny)
+def _script(engine, monkeypatch):
+    """The model answers; for a 'Detect' question it is scripted to answer with boxes, with a tool call when tools
+    are offered, and 'slowly' holds its answer half-way until `engine.release` is set (the tiny models can do none
+    of these on cue); the page and the server are what is tested. `engine.image_settings_seen` lists the image
+    settings each chat call got from the server."""
     original = engine.chat
     engine.release = threading.Event()
 
@@ -42,7 +39,10 @@ def scripted_engine(trained_tiny, monkeypatch):
         engine.release.wait(60)
         yield "is red."
 
+    engine.image_settings_seen = []
+
     def chat(messages, tools=None, stream=False, **options):
+        engine.image_settings_seen.append(options.get("image_settings"))
         last = messages[-1]["content"]
         text = last if isinstance(last, str) else " ".join(i.get("text", "") for i in last if i.get("type") == "text")
         if messages[-1]["role"] == "user" and tools:
@@ -51,10 +51,28 @@ def scripted_engine(trained_tiny, monkeypatch):
             return iter([BOXES[:20], BOXES[20:]])
         if "slowly" in text:
             return slow()
+        if "briefly" in text:
+            return iter(["A red circle."])
         return original(messages, tools=tools, stream=stream, **options)
 
     monkeypatch.setattr(engine, "chat", chat)
     return engine
+
+
+@pytest.fixture
+def scripted_engine(trained_tiny, monkeypatch):
+    """The trained tiny model (a fixed-resolution encoder: no image settings), scripted."""
+    import n2eye
+
+    return _script(n2eye.load(trained_tiny), monkeypatch)
+
+
+@pytest.fixture
+def scripted_naflex(naflex_checkpoint, monkeypatch):
+    """A tiny NaFlex checkpoint (LFM2-VL's image policy: 64-256 tokens per image or tile, splitting on), scripted."""
+    import n2eye
+
+    return _script(n2eye.load(naflex_checkpoint), monkeypatch)
 
 
 def _rect(driver, selector: str) -> dict:
@@ -77,7 +95,7 @@ def _fits_the_window(driver) -> bool:
     return scroll <= width and all(_rect(driver, s)["right"] <= width for s in ("#prompt", "#form button"))
 
 
-def test_web_chat_in_every_state(scripted_engine, tmp_path):
+def test_web_chat_in_every_state(scripted_engine, scripted_naflex, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -115,12 +133,21 @@ def test_web_chat_in_every_state(scripted_engine, tmp_path):
         assert hint["height"] <= 3 * line, f"the hint wraps to {hint['height'] / line:.1f} lines"
         assert not driver.find_element(By.ID, "canvas").is_displayed()
         assert driver.find_element(By.ID, "empty").is_displayed() and _fits_the_window(driver)
+        # A fixed-resolution model: no image settings to offer, and the page says why (one closed line).
+        wait_for(lambda: driver.find_element(By.ID, "imageopts").is_displayed())
+        assert driver.find_element(By.CSS_SELECTOR, "#imageopts summary").text == "Image settings (fixed resolution)"
+        driver.find_element(By.CSS_SELECTOR, "#imageopts summary").click()
+        assert "one fixed resolution" in driver.find_element(By.ID, "imagenote").text
+        assert not driver.find_element(By.ID, "maxtokens").is_displayed()
+        driver.find_element(By.CSS_SELECTOR, "#imageopts summary").click()
         shot("1-empty")
 
         driver.find_element(By.ID, "file").send_keys(str(EXAMPLES / "red_circle.png"))
         wait_for(lambda: driver.find_element(By.ID, "canvas").is_displayed())
         assert not driver.find_element(By.ID, "hint").is_displayed()
         assert _inside(_rect(driver, "#canvas"), _rect(driver, "#side"))
+        assert driver.execute_script("const s = document.getElementById('side'); return s.scrollHeight <= "
+                                     "s.clientHeight"), "the side panel scrolls (and its image shrinks)"
         shot("2-image-loaded")
 
         ask("Tell me slowly: what colour is the circle?")  # streaming: half an answer shown, Send held
@@ -171,6 +198,7 @@ def test_web_chat_in_every_state(scripted_engine, tmp_path):
         assert _fits_the_window(driver), "the page scrolls sideways or hides its controls in a narrow window"
         assert _rect(driver, "#canvas")["bottom"] <= _rect(driver, "#log")["top"] + 1
         shot("7-narrow")
+        assert all(not s for s in scripted_engine.image_settings_seen), "image settings sent to a fixed-res model"
 
         # A server started with --api-key: the page asks for the key, says so on a 401, and works once given.
         keyed = Server(scripted_engine, api_key="sesame")
@@ -187,6 +215,52 @@ def test_web_chat_in_every_state(scripted_engine, tmp_path):
             shot("8-api-key")
         finally:
             keyed.stop()
+
+        # A NaFlex model: the image settings show the server's defaults and limits; a request carries only those
+        # the user changed; a value the server refuses shows its message.
+        naflex = Server(scripted_naflex)
+        try:
+            driver.get(naflex.url + "/")
+            wait_for(lambda: driver.find_element(By.ID, "imageopts").is_displayed())
+            summary = driver.find_element(By.CSS_SELECTOR, "#imageopts summary")
+            assert summary.text == "Image settings"  # closed: the chat keeps its room
+            summary.click()
+            wait_for(lambda: driver.find_element(By.ID, "maxtokens").is_displayed())
+            max_tokens, min_tokens = driver.find_element(By.ID, "maxtokens"), driver.find_element(By.ID, "mintokens")
+            split = driver.find_element(By.ID, "split")
+            assert max_tokens.get_attribute("value") == max_tokens.get_attribute("max") == "256"
+            assert min_tokens.get_attribute("value") == "64" and split.is_selected() and split.is_enabled()
+            assert "at most 256" in driver.find_element(By.ID, "imagenote").text
+            for control in (max_tokens, min_tokens, split):  # each one named by its label
+                label = driver.execute_script("return arguments[0].labels[0].textContent", control)
+                assert "image" in label, label
+            driver.find_element(By.ID, "file").send_keys(str(EXAMPLES / "red_circle.png"))
+            ask("What is it? Say it briefly.")
+            wait_for(lambda: assistant_texts()[-1] == "A red circle.")
+            assert scripted_naflex.image_settings_seen[-1] == {}, "unchanged settings are the server's: none sent"
+
+            max_tokens.clear()
+            max_tokens.send_keys("1000")  # over the server's 256: the server says so, the page shows it
+            ask("And now, briefly?")
+            wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".msg.error"))
+            error = driver.find_elements(By.CSS_SELECTOR, ".msg.error")[-1].text
+            assert error == ("Error: max_image_tokens 1000 is over this server's 256; a request may lower it, not "
+                             "raise it."), error
+            seen = len(scripted_naflex.image_settings_seen)
+            assert seen == 1, "a refused request reached the model"
+
+            max_tokens.clear()
+            max_tokens.send_keys("64")
+            split.click()
+            assert summary.text == "Image settings (changed)"
+            ask("And now, briefly?")
+            wait_for(lambda: len(scripted_naflex.image_settings_seen) > seen)
+            wait_for(lambda: assistant_texts()[-1] == "A red circle.")
+            assert scripted_naflex.image_settings_seen[-1] == {"max_image_tokens": 64, "do_image_splitting": False}
+            assert _fits_the_window(driver)
+            shot("9-image-settings")
+        finally:
+            naflex.stop()
         print(f"screenshots: {shots}")
     finally:
         driver.quit()

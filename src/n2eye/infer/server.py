@@ -2,7 +2,8 @@
 
 Routes: `POST /v1/chat/completions` (streaming SSE or not), `GET /v1/models`, `GET /health`, and the web chat page
 at `/`. Besides OpenAI's fields a request may set LFM2-VL's image budget (`min_image_tokens`, `max_image_tokens`,
-`do_image_splitting`, top level or in vLLM's `mm_processor_kwargs`), within the server's own (`request_image_settings`).
+`do_image_splitting`, top level or in vLLM's `mm_processor_kwargs`), within the server's own (`request_image_settings`);
+`/v1/models` gives the server's (`image_settings` of the model: defaults and limits, null for a fixed-resolution model).
 Non-streaming requests wait in a bounded queue and are answered in batches (one `generate` call per batch of
 compatible requests); past the queue limit the answer is 429. Every bad input gets an OpenAI-style 4xx error
 body and the server goes on serving.
@@ -292,6 +293,27 @@ def generation_options(body: dict, cfg: ServeConfig) -> dict[str, Any]:
     return options
 
 
+def server_image_policy(engine):
+    """The `ImagePolicy` this server applies to images (the checkpoint's, under `--min/max-image-tokens` and
+    `--no-image-splitting`), or None for a model without LFM2-VL's image policy (a fixed-resolution encoder)."""
+    try:
+        return effective_policy(engine.processor, engine.image_settings)
+    except ValueError as err:  # the server's own settings were checked at load: not the client's fault
+        raise APIError(500, f"The server's image settings are invalid: {err}", "server_error") from err
+
+
+def server_image_settings(engine) -> dict[str, Any] | None:
+    """What `GET /v1/models` tells clients (the web page) about images: the settings a request gets by default,
+    which are also its limits (a request may lower `max_image_tokens`, not raise it, and may turn
+    `do_image_splitting` on only where it is on), or None where the model takes images at one fixed resolution
+    and refuses these settings."""
+    policy = server_image_policy(engine)
+    if policy is None:
+        return None
+    return {"min_image_tokens": policy.min_image_tokens, "max_image_tokens": policy.max_image_tokens,
+            "do_image_splitting": policy.do_image_splitting}  # fmt: skip
+
+
 def request_image_settings(body: dict, engine) -> dict[str, Any]:
     """The request's LFM2-VL image settings (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`: top level,
     or in vLLM's `mm_processor_kwargs`), checked: a 400 for a wrong type, min above max, a model without the image
@@ -312,10 +334,7 @@ def request_image_settings(body: dict, engine) -> dict[str, Any]:
                 raise APIError(400, f"{name} must be true or false.", param=name)
         elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise APIError(400, f"{name} must be a positive integer; got {json.dumps(value)[:40]}.", param=name)
-    try:
-        server = effective_policy(engine.processor, engine.image_settings)
-    except ValueError as err:  # the server's own settings were checked at load: not the client's fault
-        raise APIError(500, f"The server's image settings are invalid: {err}", "server_error") from err
+    server = server_image_policy(engine)
     if server is None:
         raise APIError(400, f"{sorted(settings)} set LFM2-VL's image policy, which this model does not use (its "
                        "vision encoder takes images at one fixed resolution).", param=next(iter(settings)))  # fmt: skip
@@ -496,7 +515,9 @@ def create_app(engine, cfg: ServeConfig):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "n2eye"}]}
+        entry = {"id": model_name, "object": "model", "created": 0, "owned_by": "n2eye",
+                 "image_settings": server_image_settings(engine)}  # fmt: skip
+        return {"object": "list", "data": [entry]}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
