@@ -14,7 +14,7 @@ BOUNDS = {"f32": 1e-3, "f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.3}
 
 def _llama(path, **kwargs):
     llama_cpp = pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=1024, logits_all=True, verbose=False, n_threads=2, **kwargs)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=2048, logits_all=True, verbose=False, n_threads=2, **kwargs)
 
 
 def _export(checkpoint, out, quant):
@@ -181,3 +181,71 @@ def test_gguf_needs_only_the_gguf_package(tiny_checkpoint, tmp_path):
 
     lm = [k for k in load_file(tiny_checkpoint / "model.safetensors") if k.startswith("model.language_model.")]
     assert len(gguf.GGUFReader(str(path)).tensors) == len(lm)
+
+
+# ---- the vision side: mmproj for Lfm2Vl shapes ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lfm2vl_gguf(tmp_path_factory):
+    """A tiny Lfm2Vl-shaped N2-Eye (`n2eye build --preset tiny-lfm2-vl`) and its f32 GGUF pair."""
+    from n2eye.build import BuildConfig, build
+
+    checkpoint = build(BuildConfig(out=str(tmp_path_factory.mktemp("eye") / "tiny-lfm2-vl"), preset="tiny-lfm2-vl"))
+    path, report = _export(checkpoint, tmp_path_factory.mktemp("gguf") / "out", "f32")
+    assert report["mmproj"]["file"] == "mmproj-tiny-lfm2-vl-f32.gguf"
+    return checkpoint, path, path.parent / report["mmproj"]["file"]
+
+
+def _picture(width: int, height: int, seed: int = 0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _data_uri(image) -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("size", [(256, 256), (640, 480), (1024, 1024)])
+def test_llamacpp_sees_images_as_we_do(lfm2vl_gguf, size):
+    """llama.cpp's own multimodal path (mtmd: its preprocessing, tiling, vision graph) on our mmproj: the prompt's
+    last logits equal ours within 1e-3 of their scale, and the greedy answer is ours. Sizes: native (no resize),
+    resized to the token budget, and 2x2 tiles of 512 px + a resized thumbnail."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    import n2eye
+
+    checkpoint, language_model, mmproj = lfm2vl_gguf
+    eye = n2eye.load(checkpoint)
+    image = _picture(*size)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe."}]}]
+    inputs = eye._encode(messages)
+    inputs.pop("assistant_masks", None)
+    with torch.no_grad():
+        ours = eye.model(**inputs).logits[0, -1].float().numpy()
+    our_answer = eye.chat(messages, max_new_tokens=4, temperature=0, repetition_penalty=1.0)
+    llm = _llama(language_model, chat_handler=MTMDChatHandler(clip_model_path=str(mmproj), verbose=False))
+    try:
+        reply = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                                                   {"type": "text", "text": "Describe."}]}],
+            temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=4)  # fmt: skip
+        n = int(inputs["input_ids"].shape[1])
+        assert reply["usage"]["prompt_tokens"] == n  # same layout: markers, tiles, thumbnail, image tokens
+        theirs = np.array(llm.scores[n - 1])
+    finally:
+        llm.close()
+    assert float(np.abs(theirs - ours).max()) <= 1e-3 * float(np.abs(ours).max())
+    assert reply["choices"][0]["message"]["content"] == our_answer
+
+
+def test_fixed_resolution_models_export_their_language_model_and_say_why_not_the_rest(tiny_checkpoint, tmp_path):
+    path, report = _export(tiny_checkpoint, tmp_path / "out", "f16")
+    assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert "fixed resolution" in report["mmproj_skipped"] and "language model is exported" in report["mmproj_skipped"]

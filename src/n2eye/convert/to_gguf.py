@@ -109,9 +109,10 @@ def write_language_model(model, tokenizer, chat_template: str | None, path: Path
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.convert_tokens_to_ids("<|im_end|>"))
     writer.add_pad_token_id(tokenizer.pad_token_id)
-    writer.add_add_bos_token(False)  # the chat template writes <|startoftext|> itself
+    # as llama.cpp's converter reads it from the tokenizer: LFM2's adds <|startoftext|> to plain text
+    writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
     if chat_template:
-        writer.add_chat_template(chat_template)
+        writer.add_chat_template(gguf_chat_template(chat_template))
 
     names = gguf.get_tensor_name_map(arch, text.num_hidden_layers)
     written = {}
@@ -132,6 +133,68 @@ def write_language_model(model, tokenizer, chat_template: str | None, path: Path
         written["output.weight"] = ggml_type.name
     _finish(writer)
     return {"file": path.name, "tensors": len(written), "types": sorted(set(written.values()))}
+
+
+def mmproj_unsupported(model, processor) -> str | None:
+    """Why llama.cpp's LFM2-VL vision path (`PROJECTOR_TYPE_LFM2`) can't run this model's vision side, or None."""
+    from .lfm2vl import exportable_reason
+
+    return exportable_reason(model.config, processor)
+
+
+def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
+    """The vision tower and projector as llama.cpp's `mmproj` file (arch `clip`, projector type `lfm2`): SigLIP2
+    NaFlex with its linear patch embedding written as the 16x16 convolution llama.cpp runs, position embeddings
+    resized by llama.cpp to each image, pixel unshuffle, LayerNorm, Linear-GELU-Linear."""
+    gguf = _gguf()
+    config = model.config
+    vision = config.vision_config
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name(f"{name} vision")
+    writer.add_file_type(0 if quant == "f32" else 1)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(gguf.VisionProjectorType.LFM2)
+    writer.add_vision_projection_dim(config.text_config.hidden_size)
+    writer.add_vision_image_size(256)  # NaFlex has no fixed size; llama.cpp's converter writes 256 too
+    writer.add_vision_patch_size(vision.patch_size)
+    writer.add_vision_embedding_length(vision.hidden_size)
+    writer.add_vision_feed_forward_length(vision.intermediate_size)
+    writer.add_vision_block_count(vision.num_hidden_layers)
+    writer.add_vision_head_count(vision.num_attention_heads)
+    writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+    writer.add_vision_projector_scale_factor(int(config.downsample_factor))
+    writer.add_vision_use_gelu(True)
+    image_processor = processor.image_processor
+    mean, std = image_processor.image_mean, image_processor.image_std
+    writer.add_vision_image_mean([float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)])
+    writer.add_vision_image_std([float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)])
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision.num_hidden_layers, 3))
+    state = {**{f"vision_tower.vision_model.{k}": v for k, v in model.model.vision_tower.state_dict().items()},
+             **{f"multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()}}  # fmt: skip
+    written = {}
+    p = vision.patch_size
+    for key, tensor in state.items():
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise GGUFExportError(f"no llama.cpp name for the vision tensor {key}.")
+        if key.endswith("embeddings.patch_embedding.weight"):  # Linear over (p, p, 3) patches -> Conv2d(3, p, p)
+            tensor = tensor.reshape(tensor.shape[0], p, p, 3).permute(0, 3, 1, 2).contiguous()
+        ggml_type = gguf.GGMLQuantizationType.F32 if quant == "f32" or tensor.dim() < 2 else gguf.GGMLQuantizationType.F16
+        writer.add_tensor(target, _to_numpy(tensor, ggml_type, gguf), raw_dtype=ggml_type)
+        written[target] = ggml_type.name
+    _finish(writer)
+    return {"file": path.name, "tensors": len(written), "types": sorted(set(written.values()))}
+
+
+def gguf_chat_template(template: str | None) -> str | None:
+    """The chat template without transformers' `{% generation %}` markers (training-only; llama.cpp's template
+    engine does not know the tag), rendering the same text."""
+    if not template:
+        return template
+    import re
+
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
 def _finish(writer) -> None:
@@ -163,11 +226,22 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     name = Path(source).expanduser().resolve().name
     report: dict[str, Any] = {"converted_from": source, "to": "gguf", "quant": quant}
 
+    why_no_vision = mmproj_unsupported(model, processor)
+    vision_type = "f32" if quant == "f32" else "f16"
+
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
         report["language_model"] = write_language_model(
             model, processor.tokenizer, processor.chat_template, tmp / f"{name}-{quant.upper()}.gguf", quant, name
         )
+        if why_no_vision is None:
+            report["mmproj"] = write_mmproj(model, processor, tmp / f"mmproj-{name}-{vision_type}.gguf", vision_type, name)
+        else:
+            report["mmproj_skipped"] = (
+                "llama.cpp's vision path for this family (projector type lfm2) runs the Lfm2Vl shape only, and "
+                + why_no_vision.replace("Lfm2Vl (and vLLM) run exactly", "it runs exactly")
+                + " The language model is exported; llama.cpp runs it on text."
+            )
 
     path = atomic_write_dir(out, write)
     report["parameters"] = sum(p.numel() for p in model.model.language_model.parameters())
@@ -175,4 +249,5 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     return path, report
 
 
-__all__ = ["QUANTS", "GGUFExportError", "export_gguf", "tensor_type", "tokenizer_vocab", "write_language_model"]
+__all__ = ["QUANTS", "GGUFExportError", "export_gguf", "gguf_chat_template", "tensor_type", "tokenizer_vocab",
+           "write_language_model", "write_mmproj"]
