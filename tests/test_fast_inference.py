@@ -164,6 +164,34 @@ def test_native_resolution_figures_run_against_transformers_lfm2vl():
     assert all(r["ours"] > 0 and r["reference"] > 0 for r in records.values())
 
 
+def test_bench_times_llamacpp_on_the_same_weights():
+    """llama.cpp's figures pair our bf16 / int8 / int4 with its BF16 / Q8_0 / Q4_0 (decode and prefill), in the
+    same timing loop as ours; what it runs is our model: its greedy tokens are ours (float32 both)."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    from n2eye.bench import BenchConfig, decode_records, greedy_generate, random_decode_setup
+    from n2eye.bench_llamacpp import LlamaCppModels
+    from n2eye.build import build_random
+
+    model, ids = random_decode_setup("tiny", prompt_tokens=16)
+    cfg = BenchConfig(preset="tiny", new_tokens=4, decode_rounds=1, repeats=1, prompt_tokens=16)
+    records = {r["name"]: r for r in decode_records(model, cfg, bandwidth=10.0)}
+    pairs = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
+    for ours, theirs in pairs.items():
+        for kind in ("decode", "prefill"):
+            record = records[f"llamacpp_{kind}_{theirs}"]
+            assert record["ours_path"] == ours and record["reference"] > 0 and record["ours"] > 0
+            assert record["ratio"] == pytest.approx(record["ours"] / record["reference"])
+        assert records[f"llamacpp_decode_{theirs}"]["ours"] == records[f"decode_{ours}"]["ours"]
+    assert records["llamacpp_prefill_bf16"]["prompt_tokens"] == 128
+
+    model = model.float()
+    llama = LlamaCppModels(model, build_random("tiny")[1].tokenizer, ["f32"], threads=1)
+    try:
+        assert llama.generate("f32", ids, 6) == greedy_generate(model, ids, 6)[0][0].tolist()
+    finally:
+        llama.close()
+
+
 def _tiny_language_model():
     from n2eye.build import build_random
 

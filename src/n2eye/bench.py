@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .infer.fast_decode import use_fast_decode
+from . import bench_llamacpp as llamacpp
 from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
 from .vision_inputs import VisionInputs
 
@@ -54,6 +55,9 @@ class BenchConfig:
     """torch threads (0: all cores)."""
     train_steps: int | None = None
     """Optimizer steps per training figure (default: 30 on tiny, 4 on n2eye-1.3b, 10 there on a GPU; 0: skip)."""
+    llamacpp: bool = True
+    """Also time llama.cpp (llama-cpp-python, the [gguf] extra) on the same weights exported to GGUF: decode BF16 /
+    Q8_0 / Q4_0 against our bf16 / int8 / int4, and prefill; skipped with a note where it isn't installed."""
     device: str = "cpu"
     """Where the model runs: cpu, or cuda (decode against the GPU's measured memory bandwidth, training against
     its measured bf16 matmul rate; the CPU-only paths, our kernels and int8/int4, are skipped there)."""
@@ -227,8 +231,46 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
         variants[bits] = variant
     generators = {"reference": lambda k: greedy_generate(model, ids, k)}
     generators.update({bits: (lambda k, v=v: greedy_generate(v, ids, k)) for bits, v in variants.items()})
-    rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds, cfg.device)
-    bandwidth = max(bandwidth, memory_read_bandwidth(device=cfg.device))
+    llama = _llamacpp_models(model, cfg, [bits for bits in variants if bits in llamacpp.PAIRS])
+    if llama is not None:  # llama.cpp on the same weights, timed in the same alternation
+        generators.update({f"llamacpp_{q}": (lambda k, q=q: llama.generate(q, ids, k)) for q in llama.models})
+    try:
+        rates = paired_decode_rates(generators, cfg.new_tokens, cfg.decode_rounds, cfg.device)
+        bandwidth = max(bandwidth, memory_read_bandwidth(device=cfg.device))
+        records = _decode_figures(variants, rates, ids, base_logits, bandwidth)
+        if llama is not None:
+            records += [_record(f"llamacpp_decode_{q}", "tokens/s", rates[bits], rates[f"llamacpp_{q}"], ours_path=bits)
+                        for bits, q in llamacpp.PAIRS.items() if q in llama.models]  # fmt: skip
+            torch.manual_seed(1)
+            long_ids = torch.randint(20, vocab, (1, cfg.prompt_tokens * 8))
+            paired = {bits: variants[bits] for bits in llamacpp.PAIRS if bits in variants}
+            records += llamacpp.prefill_records(paired, llama, long_ids, cfg.repeats)
+    finally:
+        if llama is not None:
+            llama.close()
+    variants.clear()
+    return records
+
+
+def _llamacpp_models(model, cfg: BenchConfig, ours: list[str]):
+    """llama.cpp with this model's language model in the formats matching `ours`, or None (said why)."""
+    if not cfg.llamacpp or torch.device(cfg.device).type != "cpu" or not ours:
+        return None
+    why = llamacpp.available()
+    if why:
+        print(f"  llama.cpp figures skipped: {why}")
+        return None
+    from .build import build_random
+
+    _, processor = build_random(cfg.preset)  # the preset's tokenizer (the weights are `model`'s)
+    quants = [llamacpp.PAIRS[bits] for bits in ours]
+    print(f"  llama.cpp: {', '.join(q.upper() for q in quants)} on the same weights, {torch.get_num_threads()} threads")
+    return llamacpp.LlamaCppModels(model, processor.tokenizer, quants, threads=torch.get_num_threads())
+
+
+def _decode_figures(variants: dict, rates: dict, ids: torch.Tensor, base_logits: torch.Tensor,
+                    bandwidth: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Our decode records: rate against plain transformers, share of the memory bandwidth, logit difference."""
     records = []
     for bits, variant in variants.items():
         bytes_per_token = weight_bytes_per_token(variant)
@@ -240,7 +282,6 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
         record["logit_max_abs_diff"] = float((_last_logits(variant, ids) - base_logits).abs().max())
         record["logit_scale"] = float(base_logits.abs().max())
         records.append(record)
-    variants.clear()
     return records
 
 
@@ -506,7 +547,8 @@ def markdown_table(records: list[dict[str, Any]], machine: str, preset: str) -> 
         return "" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
     lines = [f"`n2eye bench --preset {preset}` on {machine}", "",
-             "| record | unit | ours | reference (plain transformers; for the cache, the run without it) | ratio "
+             "| record | unit | ours | reference (plain transformers; llamacpp_*: llama.cpp on the same weights; for "
+             "the cache, the run without it) | ratio "
              "| share of its bound |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
@@ -528,7 +570,8 @@ def plot_ratios(records: list[dict[str, Any]], path: Path, title: str) -> Path |
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.2))
     ax.barh([r["name"] for r in shown], speedups, color=["#2a7" if s >= 1 else "#c44" for s in speedups])
     ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("speed-up over the reference (x; the feature cache: over the run without it)")
+    ax.set_xlabel("speed-up over the reference (x): plain transformers; llamacpp_*: llama.cpp on the same weights;\n"
+                  "the feature cache: the run without it")
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
     for y, s in enumerate(speedups):
