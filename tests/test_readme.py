@@ -135,7 +135,7 @@ def test_readme_lfm2vl_round_trip(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     n2eye = [sys.executable, "-m", "n2eye.cli"]
     lines = block_after("convert-command").splitlines()
-    assert len(lines) == 3 and "LiquidAI/LFM2-VL-450M" in lines[0]
+    assert len(lines) == 4 and "LiquidAI/LFM2-VL-450M" in lines[0]
     for line in lines:
         args = [str(source) if a == "LiquidAI/LFM2-VL-450M" else a for a in shlex.split(line)]
         result = subprocess.run(n2eye + args[1:], cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -146,3 +146,4 @@ def test_readme_lfm2vl_round_trip(tmp_path):
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "Lfm2VlForConditionalGeneration", result.stderr[-2000:]
     assert not list(exported.glob("*.py"))
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf"]

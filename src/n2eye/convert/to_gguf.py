@@ -204,6 +204,13 @@ def _finish(writer) -> None:
     writer.close()
 
 
+def model_name(source: str) -> str:
+    """The files' name: the checkpoint folder's, or its run's for a training output (runs/NAME/final -> NAME)."""
+    path = Path(source).expanduser().resolve()
+    generic = path.name in ("final", "merged") or path.name.startswith("checkpoint-")
+    return path.parent.name if generic and path.parent.name else path.name
+
+
 def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path, dict[str, Any]]:
     """An N2-Eye checkpoint -> `out/<name>-<QUANT>.gguf` (+ `out/mmproj-<name>-f16.gguf` for Lfm2Vl shapes)."""
     from transformers import AutoProcessor
@@ -223,7 +230,7 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     check_writable(out)
     processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
     model = N2EyeForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
-    name = Path(source).expanduser().resolve().name
+    name = model_name(source)
     report: dict[str, Any] = {"converted_from": source, "to": "gguf", "quant": quant}
 
     why_no_vision = mmproj_unsupported(model, processor)
