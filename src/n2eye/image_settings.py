@@ -1,9 +1,11 @@
-"""`--min-image-tokens`, `--max-image-tokens`, `--no-image-splitting`: LFM2-VL's image budget for one run.
+"""`--min-image-tokens`, `--max-image-tokens`, `--[no-]image-splitting`: the image budget for one run.
 
 Why a mixin: train, eval, generate, chat and serve take the same three options with the same meaning (flags and
 YAML alike, through `cli_args`); each config dataclass inherits them from here instead of declaring them five
-times. Unset options keep the checkpoint's `image_policy` (processor_config.json); set ones go to the processor as
-per-call overrides (`processor(..., max_image_tokens=64)`), so the checkpoint itself is never changed.
+times. Unset options keep the checkpoint's settings (processor_config.json: LFM2-VL's `image_policy` for SigLIP2
+NaFlex, `image_splitting` for fixed-resolution encoders); set ones go to the processor as per-call overrides
+(`processor(..., max_image_tokens=64)`), so the checkpoint itself is never changed. Fixed-resolution encoders take
+only the splitting option (Idefics2-style: 4 crops + the whole image); the token budgets are refused there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ class ImageOptions:
     max_image_tokens: int | None = None
     """Most tokens per image or tile (LFM2-VL image policy; default: the checkpoint's, 256). Lower is faster."""
     image_splitting: bool | None = None
-    """--no-image-splitting: never split large images into 512 px tiles + a thumbnail; resize them into
-    --max-image-tokens instead (LFM2-VL image policy; default: the checkpoint's, splitting on)."""
+    """SigLIP2 NaFlex: --no-image-splitting turns tiles off (large images are resized into --max-image-tokens, not
+    split into 512 px tiles + a thumbnail; default: the checkpoint's, on). Fixed-resolution encoders (SigLIP at
+    e.g. 384 px): --image-splitting turns Idefics2-style splitting on (4 quadrant crops + the whole image, 5x the
+    tokens, for images larger than the encoder's size; default: the checkpoint's, off)."""
 
     def image_settings(self) -> dict[str, Any]:
         """The processor call options these flags set (unset ones left out)."""
@@ -37,7 +41,8 @@ class ImageOptions:
 
 def checked_image_settings(processor: Any, settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """`settings` (unset ones dropped) once the processor accepts them: a ValueError naming the setting otherwise
-    (min above max, a wrong type, or a processor without LFM2-VL's image policy, e.g. a fixed-resolution encoder)."""
+    (min above max, a wrong type, or a token budget for a processor without LFM2-VL's image policy, e.g. a
+    fixed-resolution encoder, which takes `do_image_splitting` only)."""
     settings = {k: v for k, v in (settings or {}).items() if v is not None}
     check = getattr(processor, "policy_for_call", None)
     if settings and check is not None:
@@ -53,4 +58,13 @@ def effective_policy(processor: Any, settings: Mapping[str, Any] | None = None):
     return check(dict(checked_image_settings(processor, settings)))[0]
 
 
-__all__ = ["IMAGE_SETTINGS", "ImageOptions", "checked_image_settings", "effective_policy"]
+def fixed_resolution_splitting(processor: Any, settings: Mapping[str, Any] | None = None) -> bool | None:
+    """Whether a fixed-resolution processor splits images (Idefics2-style) with `settings`; None for a processor
+    that cannot (a NaFlex one, whose splitting is its policy's, or a checkpoint's older code without the option)."""
+    splits = getattr(processor, "splits_images", None)
+    if splits is None or getattr(processor, "image_policy", None) is not None or not processor.fixed_resolution:
+        return None
+    return splits(checked_image_settings(processor, settings).get("do_image_splitting"))
+
+
+__all__ = ["IMAGE_SETTINGS", "ImageOptions", "checked_image_settings", "effective_policy", "fixed_resolution_splitting"]

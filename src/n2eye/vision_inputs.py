@@ -1,9 +1,10 @@
 """The image part of a processor output as a sequence of crops: what every consumer moves between the processor and
 the vision tower (training examples, both collators, the feature cache, the engine's image cache).
 
-Why one class: a fixed-resolution encoder gives one crop per image (`pixel_values` (n, 3, H, W)); SigLIP2 NaFlex
-gives one or more per image (LFM2-VL's tiles, row-major, then the thumbnail) under transformers' own keys:
-`pixel_values` (n, patches, 3*p*p), `pixel_attention_mask` (n, patches), `spatial_shapes` (n, 2). Selecting crops,
+Why one class: a fixed-resolution encoder gives one crop per image, or 5 with Idefics2-style splitting (the
+quadrants row-major, then the whole image), all as `pixel_values` (n, 3, H, W); SigLIP2 NaFlex gives one or more
+per image (LFM2-VL's tiles, row-major, then the thumbnail) under transformers' own keys: `pixel_values`
+(n, patches, 3*p*p), `pixel_attention_mask` (n, patches), `spatial_shapes` (n, 2). Selecting crops,
 joining crops of different sizes (padding to a common patch count), keying them and handing them to the model are
 then one set of operations, written once, and crops always stay in conversation order.
 """

@@ -7,7 +7,8 @@ text carrying a chat control token (`<|im_start|>`, `<image>`, ...), which the p
 `ControlTokenError`, is skipped as `control_token`, its detail naming the token and where it is.
 
 Images travel as crops under transformers' keys (`vision_inputs.VisionInputs`): one per image for fixed-resolution
-encoders; tiles + thumbnail per image, each with its `spatial_shapes` row and `pixel_attention_mask`, for NaFlex.
+encoders (5 with Idefics2-style splitting: quadrants + the whole image); tiles + thumbnail per image, each with its
+`spatial_shapes` row and `pixel_attention_mask`, for NaFlex.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def encode_conversation(
     SkipRow(`control_token`) when message or tool text carries a chat control token; a
     conversation cut at `max_length` that still has supervised tokens carries its full length under
     TRUNCATED_FROM, so the caller can count and report it (`SkipReport.add_truncated`). `image_settings`: the
-    run's LFM2-VL image policy overrides (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`)."""
+    run's image overrides (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`; fixed resolution: the last)."""
     messages = fill_images(conversation["messages"], conversation.get("images") or [])
     try:
         out = processor.apply_chat_template(

@@ -6,7 +6,8 @@
   a follow-up turn only runs its new tokens and never re-encodes earlier images.
 Vision grids are cached by crop content (bounded LRU, `vision_cache.py`), so the same picture is encoded once.
 Every call takes `image_settings` (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`: LFM2-VL's image
-policy), over the engine's own (`load(..., image_settings=...)`, the CLI's flags) over the checkpoint's.
+policy; a fixed-resolution checkpoint takes `do_image_splitting` only, its Idefics2-style 4 crops + the whole image),
+over the engine's own (`load(..., image_settings=...)`, the CLI's flags) over the checkpoint's.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ class ChatSession:
             self.reset_cache()
             encoded = engine.processor.apply_chat_template(
                 self.messages, tools=self.tools, add_generation_prompt=True, tokenize=True, return_dict=True,
-                return_tensors="pt", processor_kwargs=self.images_kwargs,
+                return_tensors="pt", processor_kwargs=dict(self.images_kwargs),  # a copy: transformers adds to it
             )  # fmt: skip
             history = torch.empty((1, 0), dtype=torch.long)
         else:

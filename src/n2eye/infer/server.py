@@ -2,8 +2,9 @@
 
 Routes: `POST /v1/chat/completions` (streaming SSE or not), `GET /v1/models`, `GET /health`, and the web chat page
 at `/`. Besides OpenAI's fields a request may set LFM2-VL's image budget (`min_image_tokens`, `max_image_tokens`,
-`do_image_splitting`, top level or in vLLM's `mm_processor_kwargs`), within the server's own (`request_image_settings`);
-`/v1/models` gives the server's (`image_settings` of the model: defaults and limits, null for a fixed-resolution model).
+`do_image_splitting`, top level or in vLLM's `mm_processor_kwargs`), within the server's own (`request_image_settings`;
+a fixed-resolution model takes `do_image_splitting` only, its Idefics2-style splitting); `/v1/models` gives the
+server's (`image_settings` of the model: defaults and limits, null for a fixed-resolution model).
 Non-streaming requests wait in a bounded queue and are answered in batches (one `generate` call per batch of
 compatible requests); past the queue limit the answer is 429. Every bad input gets an OpenAI-style 4xx error
 body and the server goes on serving.
@@ -35,7 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from ..image_settings import IMAGE_SETTINGS, ImageOptions, effective_policy
+from ..image_settings import IMAGE_SETTINGS, ImageOptions, effective_policy, fixed_resolution_splitting
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -316,9 +317,10 @@ def server_image_settings(engine) -> dict[str, Any] | None:
 
 def request_image_settings(body: dict, engine) -> dict[str, Any]:
     """The request's LFM2-VL image settings (`min_image_tokens`, `max_image_tokens`, `do_image_splitting`: top level,
-    or in vLLM's `mm_processor_kwargs`), checked: a 400 for a wrong type, min above max, a model without the image
-    policy, or a budget above the server's (`--max-image-tokens`, `--no-image-splitting`, else the checkpoint's): a
-    request may ask for fewer image tokens than the server gives, never more."""
+    or in vLLM's `mm_processor_kwargs`), checked: a 400 for a wrong type, min above max, a token budget for a model
+    without the image policy (fixed resolution: `do_image_splitting` only), or a budget above the server's
+    (`--max-image-tokens`, `--[no-]image-splitting`, else the checkpoint's): a request may ask for fewer image tokens
+    than the server gives, never more (so it may turn splitting off, and on only where the server splits)."""
     settings = {name: body[name] for name in IMAGE_SETTINGS if body.get(name) is not None}
     extra = body.get("mm_processor_kwargs")
     if extra is not None:
@@ -336,8 +338,7 @@ def request_image_settings(body: dict, engine) -> dict[str, Any]:
             raise APIError(400, f"{name} must be a positive integer; got {json.dumps(value)[:40]}.", param=name)
     server = server_image_policy(engine)
     if server is None:
-        raise APIError(400, f"{sorted(settings)} set LFM2-VL's image policy, which this model does not use (its "
-                       "vision encoder takes images at one fixed resolution).", param=next(iter(settings)))  # fmt: skip
+        return fixed_resolution_settings(settings, engine)
     if settings.get("max_image_tokens", 0) > server.max_image_tokens:
         raise APIError(400, f"max_image_tokens {settings['max_image_tokens']} is over this server's "
                        f"{server.max_image_tokens}; a request may lower it, not raise it.", param="max_image_tokens")
@@ -348,6 +349,21 @@ def request_image_settings(body: dict, engine) -> dict[str, Any]:
         effective_policy(engine.processor, {**engine.image_settings, **settings})
     except ValueError as err:  # e.g. min_image_tokens above max_image_tokens
         raise APIError(400, f"Bad image settings: {err}", param=next(iter(settings))) from err
+    return settings
+
+
+def fixed_resolution_settings(settings: dict[str, Any], engine) -> dict[str, Any]:
+    """A fixed-resolution model's share of `request_image_settings`: `do_image_splitting` (Idefics2-style, 5x the
+    tokens) within the server's; the token budgets, which only LFM2-VL's image policy reads, are a 400."""
+    splits = fixed_resolution_splitting(engine.processor, engine.image_settings)
+    refused = sorted(set(settings) - ({"do_image_splitting"} if splits is not None else set()))
+    if refused:
+        takes = "; it takes do_image_splitting only" if splits is not None else ""
+        raise APIError(400, f"{refused} set LFM2-VL's image policy, which this model does not use (its vision encoder "
+                       f"takes images at one fixed resolution{takes}).", param=refused[0])  # fmt: skip
+    if settings.get("do_image_splitting") and not splits:
+        raise APIError(400, "do_image_splitting: this server does not split images (a fixed-resolution model; start "
+                       "it with --image-splitting to allow Idefics2-style splitting).", param="do_image_splitting")
     return settings
 
 

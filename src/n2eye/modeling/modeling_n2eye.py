@@ -123,7 +123,7 @@ class N2EyeModel(N2EyePreTrainedModel):
     ) -> list[torch.Tensor]:
         """Runs the vision tower and returns one (h, w, channels) feature grid per crop, in input order.
 
-        Fixed resolution: pixel_values (n_images, 3, H, W). SigLIP2 NaFlex: pixel_values (n_crops, patches, 3*p*p)
+        Fixed resolution: pixel_values (n_crops, 3, H, W). SigLIP2 NaFlex: pixel_values (n_crops, patches, 3*p*p)
         with `spatial_shapes` (n_crops, 2) and `pixel_attention_mask` (n_crops, patches), as the processor returns
         them; crops with the same number of real patches run together with no padding. Why: a crop's features then
         never depend on what it was batched or padded with (SDPA's sums change in the last bits with the padded
@@ -177,7 +177,8 @@ class N2EyeModel(N2EyePreTrainedModel):
         spatial_shapes: torch.Tensor | None = None,
         pixel_attention_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Projected features, one (tokens_i, lm_hidden) tensor per crop (per image at fixed resolution), in order."""
+        """Projected features, one (tokens_i, lm_hidden) tensor per crop, in order (at fixed resolution one crop per
+        image, or 5 with Idefics2-style splitting: the quadrants row-major, then the whole image)."""
         grids = self.encode_images(pixel_values, spatial_shapes, pixel_attention_mask)
         return self.project_grids(grids)
 

@@ -3,7 +3,10 @@
 Ships inside every checkpoint (``trust_remote_code=True``). Two image paths:
 
 * the image processor's own (fixed-resolution SigLIP, or SigLIP2 NaFlex at its `max_num_patches`): each `<image>`
-  becomes `<|image_start|>` + `<image>` x (that image's token count) + `<|image_end|>`, the count from the patch grid;
+  becomes `<|image_start|>` + `<image>` x (that image's token count) + `<|image_end|>`, the count from the patch grid.
+  A fixed-resolution processor may split images Idefics2-style (`image_splitting` in processor_config.json, or
+  `do_image_splitting=True` per call): the four quadrants, row-major, then the whole image, each resized to the
+  encoder's size, their tokens one after the other in that one block (see `split_quadrants`);
 * LFM2-VL's image policy, when the processor config has `image_policy` (`n2eye build` sets it for SigLIP2 NaFlex +
   the pixel-unshuffle projector, the LFM2-VL layout): native resolution, large images split into tiles plus a
   thumbnail, token for token as transformers' `Lfm2VlProcessor` (see `image_policy.py`, `naflex_images.py`).
@@ -15,6 +18,7 @@ import math
 import re
 from typing import Any
 
+from PIL import Image
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin
 
@@ -95,9 +99,26 @@ def _strings(value: Any, path: str):
             yield from _strings(inner, f"{path}[{index}]")
 
 
+def split_quadrants(image: Image.Image) -> list[Image.Image]:
+    """Idefics2's split (its image processor's `split_image`): the four quadrants, row-major (with odd sides the right
+    and bottom ones get the extra pixel), then the whole image. Why: a fixed-resolution encoder sees a large image
+    only shrunk to its size; each quadrant at that size gives it 2x the detail per side, the whole image the context."""
+    width, height = image.size
+    mid_w, mid_h = width // 2, height // 2
+    boxes = [(0, 0, mid_w, mid_h), (mid_w, 0, width, mid_h), (0, mid_h, mid_w, height), (mid_w, mid_h, width, height)]
+    return [image.crop(box) for box in boxes] + [image]
+
+
+def _side(size: Any, name: str) -> int | None:
+    """`size[name]` of an image processor's `size` (a dict or transformers' SizeDict), else its `shortest_edge`."""
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    return get(name) or get("shortest_edge")
+
+
 class N2EyeImagesKwargs(ImagesKwargs, total=False):
     """Per-call overrides of the LFM2-VL image policy (`processor(..., max_image_tokens=64)`); the names and
-    meanings of transformers' `Lfm2VlImageProcessor` (see `image_policy.ImagePolicy`)."""
+    meanings of transformers' `Lfm2VlImageProcessor` (see `image_policy.ImagePolicy`). `do_image_splitting` also
+    turns a fixed-resolution processor's Idefics2-style splitting on or off (`N2EyeProcessor.splits_images`)."""
 
     encoder_patch_size: int | None
     downsample_factor: int | None
@@ -137,6 +158,9 @@ class N2EyeProcessor(ProcessorMixin):
             image policy, mark tiles and the thumbnail), as `Lfm2VlProcessor`'s option of that name.
         image_policy: LFM2-VL's image policy settings (`naflex_images.POLICY_SETTINGS`; missing ones take
             transformers' defaults) for a SigLIP2 NaFlex image processor; `None` keeps the image processor's own.
+        image_splitting: fixed-resolution encoders only: split each image Idefics2-style into its four quadrants +
+            the whole image (5 crops, 5x the tokens; see `fixed_crops`); a call may override it with
+            `do_image_splitting=True/False`. NaFlex processors split (or not) under `image_policy` instead.
     """
 
     valid_processor_kwargs = N2EyeProcessorKwargs
@@ -151,6 +175,7 @@ class N2EyeProcessor(ProcessorMixin):
         default_system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         use_image_special_tokens: bool = True,
         image_policy: dict | None = None,
+        image_splitting: bool = False,
         **kwargs,
     ):
         self.image_token = "<image>"
@@ -162,9 +187,11 @@ class N2EyeProcessor(ProcessorMixin):
         self.default_system_prompt = default_system_prompt
         self.use_image_special_tokens = use_image_special_tokens
         self.image_policy = None if image_policy is None else default_settings(**image_policy)
+        self.image_splitting = image_splitting
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if self.image_policy is not None:
             self._check_policy_fits()
+        self._check_image_splitting()
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(
@@ -193,6 +220,33 @@ class N2EyeProcessor(ProcessorMixin):
                 f"image_policy.encoder_patch_size is {policy.encoder_patch_size} but the image processor's patch_size "
                 f"is {ip.patch_size}: fix processor_config.json or preprocessor_config.json."
             )
+
+    @property
+    def fixed_resolution(self) -> bool:
+        """Whether the image processor makes fixed-size crops (`pixel_values` (n, 3, H, W)), not SigLIP2 NaFlex's."""
+        return "spatial_shapes" not in getattr(self.image_processor, "model_input_names", ())
+
+    def _check_image_splitting(self) -> None:
+        """`image_splitting` is a bool, and only for fixed-resolution processors (NaFlex splits under its policy)."""
+        if not isinstance(self.image_splitting, bool):
+            raise ValueError(f"image_splitting must be true or false, got {self.image_splitting!r}: fix "
+                             "processor_config.json.")  # fmt: skip
+        if self.image_splitting and not self.fixed_resolution:
+            how = "image_policy.do_image_splitting sets its tiles" if self.image_policy is not None else "no split"
+            raise ValueError(
+                f"image_splitting (Idefics2-style: 4 crops + the whole image) is for fixed-resolution encoders, but "
+                f"this image processor is {type(self.image_processor).__name__} (SigLIP2 NaFlex: {how}). Remove "
+                "image_splitting from processor_config.json."
+            )
+
+    def splits_images(self, do_image_splitting: bool | None = None) -> bool:
+        """Whether a fixed-resolution call splits images: the call's `do_image_splitting`, else `image_splitting`.
+        Always False for NaFlex processors (their splitting is the image policy's)."""
+        if do_image_splitting is not None and not isinstance(do_image_splitting, bool):
+            raise ValueError(f"do_image_splitting must be True or False, got {do_image_splitting!r}.")
+        if self.image_policy is not None or not self.fixed_resolution:
+            return False
+        return self.image_splitting if do_image_splitting is None else do_image_splitting
 
     # ---- chat template -------------------------------------------------------------------------------
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
@@ -265,7 +319,7 @@ class N2EyeProcessor(ProcessorMixin):
         return [[load_image(img) for img in sample if img is not None] for sample in nested]
 
     def image_token_counts(self, processed: dict) -> list[int]:
-        """Number of `<image>` tokens for each processed image: the patch grid merged by the projector factor."""
+        """Number of `<image>` tokens for each processed crop: the patch grid merged by the projector factor."""
         f = self.downsample_factor
         if "spatial_shapes" in processed:  # SigLIP2 NaFlex: per-image grid
             return [math.ceil(int(h) / f) * math.ceil(int(w) / f) for h, w in processed["spatial_shapes"]]
@@ -282,19 +336,53 @@ class N2EyeProcessor(ProcessorMixin):
 
     def policy_for_call(self, images_kwargs: dict) -> tuple[ImagePolicy, int] | None:
         """(policy, pad length) with this call's overrides, popped from `images_kwargs`; None without a policy
-        (then policy-only overrides are refused rather than ignored)."""
+        (then policy-only overrides are refused rather than ignored, except `do_image_splitting` for fixed-resolution
+        processors, which is checked here: their Idefics2-style splitting, see `splits_images`)."""
         overrides = {k: v for k in POLICY_SETTINGS if (v := images_kwargs.pop(k, None)) is not None}
         if self.image_policy is None:
+            if self.fixed_resolution and "do_image_splitting" in overrides:
+                self.splits_images(overrides.pop("do_image_splitting"))
             ignored = sorted(set(overrides) & set(_POLICY_ONLY))
             if ignored:
+                takes = "; do_image_splitting (Idefics2-style splitting) is the one it takes"
+                fixed = takes if self.fixed_resolution else ""
                 raise ValueError(
                     f"{ignored} set LFM2-VL's image policy, which this processor does not use (its image processor "
-                    f"is {type(self.image_processor).__name__} without `image_policy` in processor_config.json). "
-                    "Build with a SigLIP2 NaFlex encoder and the pixel_unshuffle_mlp projector to get it."
+                    f"is {type(self.image_processor).__name__} without `image_policy` in processor_config.json"
+                    f"{fixed}). Build with a SigLIP2 NaFlex encoder and the pixel_unshuffle_mlp projector to get it."
                 )
             images_kwargs.update({k: v for k, v in overrides.items() if k not in _POLICY_ONLY})
             return None
         return resolve_settings(self.image_policy, overrides)
+
+    def fixed_crops(self, image: Image.Image, split: bool, images_kwargs: dict) -> list[Image.Image]:
+        """The pictures a fixed-resolution encoder sees for `image`: itself, or with `split` Idefics2's 4 quadrants +
+        itself (`split_quadrants`). Unlike Idefics2, an image that already fits the encoder (both sides at most its
+        size) stays one crop: its quadrants would only be upscaled, 5x the tokens for no detail. So does an image
+        under 2 px on a side (it has no quadrants)."""
+        if not split or min(image.size) < 2:
+            return [image]
+        size = images_kwargs.get("size") or getattr(self.image_processor, "size", None)
+        width, height = (_side(size, "width"), _side(size, "height")) if size is not None else (None, None)
+        if not (width and height):
+            raise ValueError(
+                f"Image splitting needs the encoder's image size, but the image processor's size is {size!r}: set "
+                "size {height, width} in its config, or do_image_splitting=False."
+            )
+        if image.width <= width and image.height <= height:
+            return [image]
+        return split_quadrants(image)
+
+    def _own_images(self, images: list, images_kwargs: dict, split: bool):
+        """The image processor's tensors for every image's crops, in order (one crop each unless a fixed-resolution
+        call splits), and each image's text: one block holding its crops' tokens one after the other."""
+        crops = [self.fixed_crops(image, split, images_kwargs) for image in images]
+        processed = self.image_processor([c for cs in crops for c in cs], **{**images_kwargs, "return_tensors": "pt"})
+        counts, replacements, start = self.image_token_counts(processed), [], 0
+        for image_crops in crops:
+            replacements.append(self._image_replacement(sum(counts[start : start + len(image_crops)])))
+            start += len(image_crops)
+        return processed, replacements
 
     def _policy_images(self, images: list, images_kwargs: dict, policy: ImagePolicy, pad: int):
         """NaFlex tensors and text replacements for `images` under the LFM2-VL policy."""
@@ -356,14 +444,16 @@ class N2EyeProcessor(ProcessorMixin):
                 )
             flat = [img for sample in nested for img in sample]
             images_kwargs = dict(merged["images_kwargs"])
+            split = False  # Idefics2-style, fixed resolution only (NaFlex's policy reads do_image_splitting itself)
+            if self.image_policy is None and self.fixed_resolution:
+                split = self.splits_images(images_kwargs.pop("do_image_splitting", None))
             policy = self.policy_for_call(images_kwargs)
             if flat and policy is not None:
                 processed, replacements = self._policy_images(flat, images_kwargs, *policy)
                 data.update(processed)
             elif flat:
-                processed = self.image_processor(flat, **{**images_kwargs, "return_tensors": "pt"})
+                processed, replacements = self._own_images(flat, images_kwargs, split)
                 data.update(processed)
-                replacements = [self._image_replacement(n) for n in self.image_token_counts(processed)]
         elif any(counts_in_text):
             raise ValueError(
                 f"The text has {sum(counts_in_text)} {self.image_token} placeholder(s) but no images were passed. "
@@ -382,4 +472,4 @@ class N2EyeProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "spatial_shapes", "pixel_attention_mask"]
 
 
-__all__ = ["N2EyeProcessor", "DEFAULT_SYSTEM_PROMPT"]
+__all__ = ["N2EyeProcessor", "DEFAULT_SYSTEM_PROMPT", "split_quadrants"]
