@@ -245,7 +245,39 @@ def test_llamacpp_sees_images_as_we_do(lfm2vl_gguf, size):
     assert reply["choices"][0]["message"]["content"] == our_answer
 
 
-def test_fixed_resolution_models_export_their_language_model_and_say_why_not_the_rest(tiny_checkpoint, tmp_path):
+def test_fixed_resolution_mlp_models_export_their_language_model_and_say_why_not_the_rest(tiny_checkpoint, tmp_path):
     path, report = _export(tiny_checkpoint, tmp_path / "out", "f16")
     assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == [path.name]
-    assert "fixed resolution" in report["mmproj_skipped"] and "language model is exported" in report["mmproj_skipped"]
+    assert "'mlp'" in report["mmproj_skipped"] and "language model is exported" in report["mmproj_skipped"]
+
+
+def test_a_fixed_resolution_siglip_with_the_unshuffle_projector_runs_in_llamacpp(tiny_unshuffle_checkpoint, tmp_path):
+    """SigLIP at its own size + the pixel-unshuffle projector (the demo's shape) is llama.cpp's LFM2 vision path
+    with no resize: the mmproj carries the image token count, `n2eye.infer.llamacpp` applies it, and llama.cpp's
+    prompt and last logits are ours for images at the encoder's size (larger ones llama.cpp would cut into its
+    512 px tiles: resize them first)."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    import n2eye
+    from n2eye.infer.llamacpp import image_tokens, load_llamacpp
+
+    path, report = _export(tiny_unshuffle_checkpoint, tmp_path / "out", "f32")
+    assert report["mmproj"]["image_tokens"] == 16 == image_tokens(path.parent / report["mmproj"]["file"])
+    eye = n2eye.load(tiny_unshuffle_checkpoint)
+    llm = load_llamacpp(path.parent, n_ctx=1024, logits_all=True, n_threads=2)
+    try:
+        for image in (_picture(64, 64), _picture(64, 64, seed=1)):
+            messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
+            inputs = eye._encode(messages)
+            inputs.pop("assistant_masks", None)
+            with torch.no_grad():
+                ours = eye.model(**inputs).logits[0, -1].float().numpy()
+            reply = llm.create_chat_completion(
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(image)}},
+                                                       {"type": "text", "text": "Hi"}]}],
+                temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=2)  # fmt: skip
+            n = int(inputs["input_ids"].shape[1])
+            assert reply["usage"]["prompt_tokens"] == n
+            theirs = np.array(llm.scores[n - 1])
+            assert float(np.abs(theirs - ours).max()) <= 1e-3 * float(np.abs(ours).max())
+    finally:
+        llm.close()

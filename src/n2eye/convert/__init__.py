@@ -69,7 +69,15 @@ def convert_and_report(cfg: ConvertConfig) -> Path:
                 print(f"  {report[part]['file']}: {report[part]['tensors']} tensors ({', '.join(report[part]['types'])})")
         if "mmproj_skipped" in report:
             print(f"  no mmproj: {report['mmproj_skipped']}")
-        print(f"  llama.cpp: llama-cli -m {path}/{report['language_model']['file']}")
+        if "mmproj" in report:
+            tokens = report["mmproj"].get("image_tokens")
+            fixed = f" --image-min-tokens {tokens} --image-max-tokens {tokens}" if tokens else ""
+            print(f"  llama.cpp: llama-mtmd-cli -m {path}/{report['language_model']['file']} --mmproj "
+                  f"{path}/{report['mmproj']['file']}{fixed} --image IMAGE -p PROMPT")  # fmt: skip
+            if tokens:
+                print(f"  (a fixed-resolution encoder: {tokens} image tokens keep images at its own size, as N2-Eye)")
+        else:
+            print(f"  llama.cpp: llama-cli -m {path}/{report['language_model']['file']}")
     else:
         print("  loads with plain transformers, no remote code: "
               f"Lfm2VlForConditionalGeneration.from_pretrained({str(path)!r}); vLLM: vllm serve {path}")  # fmt: skip

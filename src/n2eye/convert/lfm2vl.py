@@ -325,6 +325,7 @@ def export_lfm2vl(source: str, out: str | Path) -> tuple[Path, dict]:
     from transformers import AutoProcessor, Lfm2VlForConditionalGeneration
 
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
+    from .templates import exported_chat_template
 
     check_local_source(source, "an N2-Eye checkpoint folder")
     kind = (read_json_file(source, "config.json") or {}).get("model_type")
@@ -342,7 +343,8 @@ def export_lfm2vl(source: str, out: str | Path) -> tuple[Path, dict]:
     lfm2vl.tie_weights()
     lfm2vl.generation_config = model.generation_config
     tokenizer = processor.tokenizer
-    tokenizer.chat_template = processor.chat_template
+    # transformers' Lfm2VlProcessor renders it without our processor: our default system prompt goes into it
+    tokenizer.chat_template = exported_chat_template(processor.chat_template, processor.default_system_prompt)
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# mmproj metadata of ours: the fixed image token count a fixed-resolution encoder needs llama.cpp to keep
+IMAGE_TOKENS_KEY = "n2eye.image_tokens"
 
 
 class GGUFExportError(ValueError):
@@ -112,7 +114,7 @@ def write_language_model(model, tokenizer, chat_template: str | None, path: Path
     # as llama.cpp's converter reads it from the tokenizer: LFM2's adds <|startoftext|> to plain text
     writer.add_add_bos_token(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id])
     if chat_template:
-        writer.add_chat_template(gguf_chat_template(chat_template))
+        writer.add_chat_template(chat_template)
 
     names = gguf.get_tensor_name_map(arch, text.num_hidden_layers)
     written = {}
@@ -136,10 +138,39 @@ def write_language_model(model, tokenizer, chat_template: str | None, path: Path
 
 
 def mmproj_unsupported(model, processor) -> str | None:
-    """Why llama.cpp's LFM2-VL vision path (`PROJECTOR_TYPE_LFM2`) can't run this model's vision side, or None."""
+    """Why llama.cpp's LFM2-VL vision path (`PROJECTOR_TYPE_LFM2`: a SigLIP ViT whose learned position embeddings
+    are resized to the image, 2x2 pixel unshuffle, LayerNorm, Linear-GELU-Linear, last layer) can't run this model's
+    vision side, or None. It runs the Lfm2Vl shape, and a fixed-resolution SigLIP with that projector too: at the
+    encoder's own size nothing is resized, so it is the same computation (llama.cpp then needs the image token
+    count fixed at run time, see `fixed_image_tokens`)."""
     from .lfm2vl import exportable_reason
 
-    return exportable_reason(model.config, processor)
+    config = model.config
+    if config.vision_config.model_type == "siglip2_vision_model":
+        return exportable_reason(config, processor)
+    problems = []
+    if config.projector_type != "pixel_unshuffle_mlp" or not config.projector_use_layernorm:
+        problems.append(f"its projector is {config.projector_type!r}; llama.cpp's LFM2 vision path runs the "
+                        "pixel-unshuffle projector (2x2, LayerNorm, Linear-GELU-Linear), and no llama.cpp projector "
+                        "type runs the card's Linear-GELU-Linear on SigLIP exactly")  # fmt: skip
+    if config.vision_feature_layer != -1:
+        problems.append(f"it reads vision layer {config.vision_feature_layer}; llama.cpp the last one")
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    if grid % config.downsample_factor:
+        problems.append(f"its {grid}x{grid} patch grid is not whole {config.downsample_factor}x{config.downsample_factor}"
+                        " blocks (we pad it; llama.cpp does not)")  # fmt: skip
+    if getattr(processor, "image_splitting", False):
+        problems.append("its processor splits images (Idefics2-style), which llama.cpp's LFM2 path does not")
+    return "; ".join(problems) + "." if problems else None
+
+
+def fixed_image_tokens(model) -> int | None:
+    """The image token count a fixed-resolution SigLIP model takes (None for NaFlex): run llama.cpp with
+    `--image-min-tokens N --image-max-tokens N` so its LFM2 preprocessor keeps images at the encoder's size."""
+    vision = model.config.vision_config
+    if vision.model_type == "siglip2_vision_model":
+        return None
+    return (vision.image_size // vision.patch_size // model.config.downsample_factor) ** 2
 
 
 def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
@@ -155,7 +186,7 @@ def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(gguf.VisionProjectorType.LFM2)
     writer.add_vision_projection_dim(config.text_config.hidden_size)
-    writer.add_vision_image_size(256)  # NaFlex has no fixed size; llama.cpp's converter writes 256 too
+    writer.add_vision_image_size(getattr(vision, "image_size", 256))  # NaFlex: none; llama.cpp's converter writes 256
     writer.add_vision_patch_size(vision.patch_size)
     writer.add_vision_embedding_length(vision.hidden_size)
     writer.add_vision_feed_forward_length(vision.intermediate_size)
@@ -164,13 +195,16 @@ def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
     writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
     writer.add_vision_projector_scale_factor(int(config.downsample_factor))
     writer.add_vision_use_gelu(True)
+    if (tokens := fixed_image_tokens(model)) is not None:  # read by n2eye.infer.llamacpp (llama.cpp has no key)
+        writer.add_uint32(IMAGE_TOKENS_KEY, tokens)
     image_processor = processor.image_processor
     mean, std = image_processor.image_mean, image_processor.image_std
     writer.add_vision_image_mean([float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)])
     writer.add_vision_image_std([float(v) for v in (std if isinstance(std, (list, tuple)) else [std] * 3)])
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(vision.num_hidden_layers, 3))
-    state = {**{f"vision_tower.vision_model.{k}": v for k, v in model.model.vision_tower.state_dict().items()},
+    tower = {k.removeprefix("vision_model."): v for k, v in model.model.vision_tower.state_dict().items()}
+    state = {**{f"vision_tower.vision_model.{k}": v for k, v in tower.items()},
              **{f"multi_modal_projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()}}  # fmt: skip
     written = {}
     p = vision.patch_size
@@ -178,23 +212,13 @@ def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise GGUFExportError(f"no llama.cpp name for the vision tensor {key}.")
-        if key.endswith("embeddings.patch_embedding.weight"):  # Linear over (p, p, 3) patches -> Conv2d(3, p, p)
+        if key.endswith("embeddings.patch_embedding.weight") and tensor.dim() == 2:  # NaFlex: Linear over (p, p, 3)
             tensor = tensor.reshape(tensor.shape[0], p, p, 3).permute(0, 3, 1, 2).contiguous()
         ggml_type = gguf.GGMLQuantizationType.F32 if quant == "f32" or tensor.dim() < 2 else gguf.GGMLQuantizationType.F16
         writer.add_tensor(target, _to_numpy(tensor, ggml_type, gguf), raw_dtype=ggml_type)
         written[target] = ggml_type.name
     _finish(writer)
     return {"file": path.name, "tensors": len(written), "types": sorted(set(written.values()))}
-
-
-def gguf_chat_template(template: str | None) -> str | None:
-    """The chat template without transformers' `{% generation %}` markers (training-only; llama.cpp's template
-    engine does not know the tag), rendering the same text."""
-    if not template:
-        return template
-    import re
-
-    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
 def _finish(writer) -> None:
@@ -218,6 +242,7 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     from ..checkpoint import atomic_write_dir, check_writable
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
     from .lfm2vl import ConversionError, check_local_source, read_json_file
+    from .templates import exported_chat_template
 
     if quant not in QUANTS:
         raise GGUFExportError(f"--quant {quant!r}: choose one of {list(QUANTS)}.")
@@ -238,11 +263,14 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
+        template = exported_chat_template(processor.chat_template, processor.default_system_prompt, keep_generation=False)
         report["language_model"] = write_language_model(
-            model, processor.tokenizer, processor.chat_template, tmp / f"{name}-{quant.upper()}.gguf", quant, name
+            model, processor.tokenizer, template, tmp / f"{name}-{quant.upper()}.gguf", quant, name
         )
         if why_no_vision is None:
             report["mmproj"] = write_mmproj(model, processor, tmp / f"mmproj-{name}-{vision_type}.gguf", vision_type, name)
+            if (tokens := fixed_image_tokens(model)) is not None:
+                report["mmproj"]["image_tokens"] = tokens
         else:
             report["mmproj_skipped"] = (
                 "llama.cpp's vision path for this family (projector type lfm2) runs the Lfm2Vl shape only, and "
@@ -256,5 +284,5 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     return path, report
 
 
-__all__ = ["QUANTS", "GGUFExportError", "export_gguf", "gguf_chat_template", "tensor_type", "tokenizer_vocab",
+__all__ = ["QUANTS", "GGUFExportError", "export_gguf", "fixed_image_tokens", "tensor_type", "tokenizer_vocab",
            "write_language_model", "write_mmproj"]
