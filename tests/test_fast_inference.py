@@ -95,7 +95,21 @@ def test_int8_logits_stay_close(tiny_checkpoint):
     quantize_language_model(model, "int8")
     with torch.inference_mode():
         q = model(input_ids=ids).logits[0, -1]
-    assert (q - full).abs().max() < 0.05 * full.abs().max()
+    assert (q - full).abs().max() < 0.06 * full.abs().max()  # int8 weights, bf16 activations
+    # the 24-token prefill computes what the int8 weights say: as the same weights dequantized, in float32
+    from n2eye.infer.quantize import Int8Linear, language_model_linears
+
+    for parent, name, layer in [(p, n, c) for p in model.modules() for n, c in p.named_children()]:
+        if isinstance(layer, Int8Linear):
+            dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            dense.weight.data = layer.dequantized()
+            if layer.bias is not None:
+                dense.bias.data = layer.bias.float()
+            setattr(parent, name, dense)
+    assert not any(isinstance(c, Int8Linear) for _, _, c in language_model_linears(model))
+    with torch.inference_mode():
+        exact = model(input_ids=ids).logits[0, -1]
+    assert (q - exact).abs().max() < 0.02 * exact.abs().max()
 
 
 @pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)

@@ -281,3 +281,41 @@ def test_a_fixed_resolution_siglip_with_the_unshuffle_projector_runs_in_llamacpp
             assert float(np.abs(theirs - ours).max()) <= 1e-3 * float(np.abs(ours).max())
     finally:
         llm.close()
+
+
+@pytest.fixture(scope="module")
+def trained_unshuffle(tiny_unshuffle_checkpoint, tmp_path_factory):
+    """The tiny SigLIP + pixel-unshuffle model after a short run on examples/colours (64 px images, its own size)."""
+    from pathlib import Path
+
+    from n2eye.train.config import TrainConfig
+    from n2eye.train.trainer import train
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
+    out = tmp_path_factory.mktemp("trained-unshuffle") / "colours"
+    return train(TrainConfig(model=str(tiny_unshuffle_checkpoint), data=str(data), out=str(out), max_steps=60,
+                             lr=3e-3, batch_size=4, grad_accum=1, bf16=False, gradient_checkpointing=False, seed=1))  # fmt: skip
+
+
+def test_eval_through_llamacpp_scores_what_n2eye_scores(trained_unshuffle, tmp_path):
+    """`n2eye eval --gguf DIR`: llama.cpp renders, tokenizes and sees every held-out question (its chat template,
+    its image path) and answers each turn as N2-Eye does: the same predictions, so the same scores (f32); q8_0
+    within a point per type here."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    from pathlib import Path
+
+    from n2eye.eval.runner import EvalConfig, evaluate
+
+    data = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
+    ours = evaluate(EvalConfig(model=str(trained_unshuffle), data=str(data), out=str(tmp_path / "ours.json"),
+                               max_new_tokens=6))  # fmt: skip
+    # it learned (half the turns right, answers that vary): the comparison is not between two blank answers
+    assert ours["overall"] >= 0.5 and len({p["prediction"] for p in ours["predictions"]}) >= 3
+    for quant in ("f32", "q8_0"):
+        path, _ = _export(trained_unshuffle, tmp_path / quant, quant)
+        theirs = evaluate(EvalConfig(model=str(trained_unshuffle), data=str(data), gguf=str(path.parent),
+                                     out=str(tmp_path / f"{quant}.json"), max_new_tokens=6))  # fmt: skip
+        if quant == "f32":
+            assert [p["prediction"] for p in theirs["predictions"]] == [p["prediction"] for p in ours["predictions"]]
+        for qtype, row in ours["per_type"].items():
+            assert abs(theirs["per_type"][qtype]["mean_score"] - row["mean_score"]) <= (0 if quant == "f32" else 0.13)

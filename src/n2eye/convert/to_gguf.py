@@ -214,7 +214,10 @@ def write_mmproj(model, processor, path: Path, quant: str, name: str) -> dict:
             raise GGUFExportError(f"no llama.cpp name for the vision tensor {key}.")
         if key.endswith("embeddings.patch_embedding.weight") and tensor.dim() == 2:  # NaFlex: Linear over (p, p, 3)
             tensor = tensor.reshape(tensor.shape[0], p, p, 3).permute(0, 3, 1, 2).contiguous()
-        ggml_type = gguf.GGMLQuantizationType.F32 if quant == "f32" or tensor.dim() < 2 else gguf.GGMLQuantizationType.F16
+        # F32: norms, biases and the position embeddings (llama.cpp adds them to F32 activations as they are when
+        # an image needs no resizing of them, and its add takes no F16 there); F16 the matrices
+        keep_f32 = quant == "f32" or tensor.dim() < 2 or target.startswith("v.position_embd")
+        ggml_type = gguf.GGMLQuantizationType.F32 if keep_f32 else gguf.GGMLQuantizationType.F16
         writer.add_tensor(target, _to_numpy(tensor, ggml_type, gguf), raw_dtype=ggml_type)
         written[target] = ggml_type.name
     _finish(writer)

@@ -43,6 +43,9 @@ class EvalConfig(ImageOptions):
     """Evaluate the model with weight-only int8 or int4 language-model layers (what quantization costs)."""
     trust_remote_code: bool = False
     """Run the checkpoint's own code when it differs from the installed n2eye's (only for checkpoints you trust)."""
+    gguf: str | None = None
+    """Evaluate this checkpoint's GGUF export (a `n2eye convert --to gguf` folder) through llama.cpp instead:
+    llama.cpp renders, tokenizes and sees each prompt; answers are greedy and scored as N2-Eye's are."""
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
@@ -89,6 +92,16 @@ def turn_requests(conversation: dict, blank: bool = False) -> list[dict[str, Any
     return requests
 
 
+def _llamacpp_engine(cfg: EvalConfig):
+    """llama.cpp on the GGUF export, with the checkpoint's processor for decoding and image items."""
+    from ..infer.llamacpp import LlamaCppEngine
+    from ..modeling.processing_n2eye import N2EyeProcessor
+
+    if cfg.quantize:
+        raise ValueError("--quantize applies to N2-Eye's engine; a GGUF export carries its own format (--quant).")
+    return LlamaCppEngine(cfg.gguf, N2EyeProcessor.from_pretrained(cfg.model, trust_remote_code=True))  # our class
+
+
 def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     """Runs the evaluation, writes cfg.out (JSON) and returns the result."""
     from tqdm.auto import tqdm
@@ -99,6 +112,8 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     from ..infer.engine import load
 
     out = check_file_writable(cfg.out)  # fail now, not after the long part
+    if engine is None and cfg.gguf:
+        engine = _llamacpp_engine(cfg)
     engine = engine or load(cfg.model, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     image_settings = checked_image_settings(engine.processor, cfg.image_settings())
     report = SkipReport()

@@ -69,4 +69,82 @@ def load_llamacpp(folder: str | Path, n_ctx: int = 4096, **kwargs: Any):
     return Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx, **{"verbose": False, **kwargs})
 
 
-__all__ = ["chat_handler", "gguf_files", "image_tokens", "load_llamacpp"]
+def _openai_content(content: Any) -> Any:
+    """Image items (PIL images, paths, URLs) as OpenAI `image_url` items with data URIs, what the handler takes."""
+    if not isinstance(content, list):
+        return content
+    items = []
+    for item in content:
+        if isinstance(item, dict) and item.get("type") in ("image", "image_url"):
+            items.append({"type": "image_url", "image_url": {"url": _data_uri(item)}})
+        else:
+            items.append(item)
+    return items
+
+
+def _data_uri(item: dict) -> str:
+    """A PNG data URI of an image item, loaded as N2-Eye's processor loads it (so both see the same pixels)."""
+    import base64
+    import io
+
+    from ..modeling.image_io import image_item_source, load_image
+
+    source = item["image_url"]["url"] if item.get("type") == "image_url" else image_item_source(item)
+    buffer = io.BytesIO()
+    load_image(source).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class LlamaCppEngine:
+    """The part of `n2eye.load(...)`'s engine that `n2eye eval` uses, run by llama.cpp on a GGUF export: the prompt
+    is rendered and evaluated by llama.cpp (its chat template, tokenizer, image preprocessing and vision graph),
+    answers are greedy with N2-Eye's never-generated tokens suppressed, and decoded by the checkpoint's tokenizer
+    as N2-Eye decodes (tool-call markers kept), so the two are scored alike."""
+
+    def __init__(self, folder: str | Path, processor, n_ctx: int = 2048, threads: int | None = None):
+        import torch
+
+        from ..modeling.processing_n2eye import never_generated_token_ids
+
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        # logits_all: llama-cpp-python keeps logits (n_ctx x vocabulary floats) only then
+        self.llm = load_llamacpp(folder, n_ctx=n_ctx, n_threads=threads or torch.get_num_threads(), logits_all=True)
+        self._suppress = never_generated_token_ids(self.tokenizer)
+        self._end_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+
+    def complete(self, messages: list[dict], tools: list[dict] | None = None, max_new_tokens: int = 256) -> dict:
+        import numpy as np
+
+        history = [{**m, "content": _openai_content(m.get("content"))} for m in messages]
+        llm = self.llm
+        # the prompt: rendered, tokenized and evaluated by llama.cpp (one greedy token sampled and dropped)
+        llm.create_chat_completion(messages=history, tools=tools, max_tokens=1, temperature=0.0, top_k=1,
+                                   repeat_penalty=1.0)  # fmt: skip
+        prompt_tokens = llm.n_tokens
+        generated: list[int] = []
+        while len(generated) < max_new_tokens:  # logits of the last evaluated position
+            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            logits[self._suppress] = -np.inf
+            token = int(logits.argmax())
+            generated.append(token)
+            if token in self._end_ids:
+                break
+            llm.eval([token])
+        ended = bool(generated) and generated[-1] in self._end_ids
+        text = self.tokenizer.decode([t for t in generated if t not in self._end_ids], skip_special_tokens=False)
+        return {"text": text, "prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
+                "finish_reason": "stop" if ended else "length"}  # fmt: skip
+
+    def complete_batch(self, conversations: list[list[dict]], tools: list[dict] | None = None,
+                       image_settings: dict | None = None, max_new_tokens: int = 256, **_: Any) -> list[dict]:  # fmt: skip
+        """One conversation at a time (llama.cpp's multimodal path takes one prompt); greedy whatever is asked."""
+        if image_settings:
+            raise ValueError("Image settings apply to N2-Eye's processor; llama.cpp sizes images itself.")
+        return [self.complete(c, tools, max_new_tokens) for c in conversations]
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+__all__ = ["LlamaCppEngine", "chat_handler", "gguf_files", "image_tokens", "load_llamacpp"]
