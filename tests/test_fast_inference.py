@@ -429,3 +429,19 @@ def test_fetch_wheels_downloads_one_python_312_wheel_per_pinned_package(tmp_path
         assert any(w.name.lower().startswith(f"{stem}-{version}-") for w in wheels), requirement
     assert all(re.search(r"-(py3|py2.py3|py312|cp312|cp3\d*-abi3)-", w.name) for w in wheels)
     assert sum(w.stat().st_size for w in wheels) < 48 * 2**20  # the device tool carries 64 MiB with the repo
+
+
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
+def test_prefill_llamacpp_benchmark_runs_as_documented(tmp_path):
+    """`python benchmarks/prefill_llamacpp.py`: our three prefill paths against llama.cpp's three formats."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    root = Path(__file__).resolve().parents[1]
+    assert "python benchmarks/prefill_llamacpp.py" in (root / "benchmarks" / "README.md").read_text()
+    out = tmp_path / "prefill.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "prefill_llamacpp.py"), "--preset", "tiny",
+                           "--tokens", "64", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = {r["name"]: r for r in json.loads(out.read_text())}
+    assert sorted(records) == ["llamacpp_prefill_bf16", "llamacpp_prefill_q4_0", "llamacpp_prefill_q8_0"]
+    assert all(r["ours"] > 0 and r["reference"] > 0 and r["prompt_tokens"] == 64 for r in records.values())
