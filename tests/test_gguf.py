@@ -319,3 +319,30 @@ def test_eval_through_llamacpp_scores_what_n2eye_scores(trained_unshuffle, tmp_p
             assert [p["prediction"] for p in theirs["predictions"]] == [p["prediction"] for p in ours["predictions"]]
         for qtype, row in ours["per_type"].items():
             assert abs(theirs["per_type"][qtype]["mean_score"] - row["mean_score"]) <= (0 if quant == "f32" else 0.13)
+
+
+def test_a_vocabulary_llamacpp_cannot_express_is_refused_before_anything_is_written(tiny_checkpoint, tmp_path):
+    """llama.cpp's lfm2 vocabulary is byte-level BPE: another tokenizer model (here WordLevel) is refused with the
+    reason, and the export folder is not left behind half-written."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from n2eye.convert import ConvertConfig, convert
+    from n2eye.convert.to_gguf import GGUFExportError
+
+    source = tmp_path / "wordlevel"
+    shutil.copytree(tiny_checkpoint, source)
+    from transformers import AutoTokenizer
+
+    original = AutoTokenizer.from_pretrained(source)
+    vocab = {token: index for token, index in original.get_vocab().items()}
+    word_level = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|pad|>"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<|startoftext|>",
+                                        eos_token="<|im_end|>", pad_token="<|pad|>")  # fmt: skip
+    tokenizer.save_pretrained(source)
+    with pytest.raises(GGUFExportError, match="WordLevel.*byte-level BPE"):
+        convert(ConvertConfig(model=str(source), to="gguf", out=str(tmp_path / "out")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wordlevel"]
