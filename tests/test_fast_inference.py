@@ -445,3 +445,22 @@ def test_prefill_llamacpp_benchmark_runs_as_documented(tmp_path):
     records = {r["name"]: r for r in json.loads(out.read_text())}
     assert sorted(records) == ["llamacpp_prefill_bf16", "llamacpp_prefill_q4_0", "llamacpp_prefill_q8_0"]
     assert all(r["ours"] > 0 and r["reference"] > 0 and r["prompt_tokens"] == 64 for r in records.values())
+
+
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
+def test_profile_decode_benchmark_runs_as_documented(tmp_path):
+    """`python benchmarks/profile_decode.py`: a token's time split for each of our paths, llama.cpp's eval time."""
+    pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
+    root = Path(__file__).resolve().parents[1]
+    assert "python benchmarks/profile_decode.py" in (root / "benchmarks" / "README.md").read_text()
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_decode.py"), "--preset", "tiny",
+                           "--new-tokens", "4", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for r in result["ours"].values():
+        assert r["generate_ms"] > 0 and r["forward_ms"] > 0 and r["linears_ms"] > 0
+        assert r["nonlinear_ms"] == pytest.approx(r["forward_ms"] - r["linears_ms"])
+    assert set(result["llamacpp"]) == {"bf16", "q8_0", "q4_0"}
+    assert all(r["eval_ms"] > 0 and r["n_eval"] >= 3 for r in result["llamacpp"].values())
