@@ -13,7 +13,12 @@ import json
 
 import torch
 
-from n2eye.bench import machine_name, quantize_language_model, random_decode_setup, weight_sharing_copy
+from n2eye.bench import (
+    machine_name,
+    quantize_language_model,
+    random_decode_setup,
+    weight_sharing_copy,
+)
 from n2eye.bench_llamacpp import LlamaCppModels, prefill_records
 from n2eye.build import build_random
 from n2eye.infer.fast_decode import use_fast_decode

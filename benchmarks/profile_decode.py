@@ -21,8 +21,14 @@ import time
 
 import torch
 
-from n2eye.bench import (machine_name, memory_read_bandwidth, quantize_language_model, random_decode_setup,
-                         weight_bytes_per_token, weight_sharing_copy)  # fmt: skip
+from n2eye.bench import (
+    machine_name,
+    memory_read_bandwidth,
+    quantize_language_model,
+    random_decode_setup,
+    weight_bytes_per_token,  # fmt: skip
+    weight_sharing_copy,
+)
 from n2eye.bench_llamacpp import LlamaCppModels
 from n2eye.build import build_random
 from n2eye.infer.fast_decode import use_fast_decode

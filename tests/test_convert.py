@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_naflex_pipeline import BIG, SMALL, picture, write_mixed_dataset
 from test_processor_naflex import _reference_processor
 
@@ -40,7 +39,11 @@ def converted(source, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(source, converted):
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Lfm2VlForConditionalGeneration
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Lfm2VlForConditionalGeneration,
+    )
 
     reference = Lfm2VlForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
     ours = AutoModelForImageTextToText.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32).eval()
@@ -162,9 +165,8 @@ def test_export_loads_in_a_fresh_process_without_remote_code(exported, source):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"class": "Lfm2VlForConditionalGeneration", "diff": 0.0, "remote": False}
     # (the image processor class imports torchvision, absent here: its settings are checked by name instead)
-    from transformers.processing_utils import ImagesKwargs
-
     from test_image_policy import _reference
+    from transformers.processing_utils import ImagesKwargs
 
     known = set(_reference().Lfm2VlImageProcessorKwargs.__annotations__) | set(ImagesKwargs.__annotations__)
     settings = json.loads((exported / "preprocessor_config.json").read_text())
@@ -187,12 +189,16 @@ def test_train_serve_eval_and_export_an_imported_model(converted, mode, tmp_path
     """Train on images of several sizes (every mode: LoRA with the vision tower unfrozen, full, projector only),
     evaluate, serve a 1600x1200 photo through the OpenAI API, export: the exported Lfm2Vl gives the trained
     model's logits."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Lfm2VlForConditionalGeneration
+    from test_train import run_train
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        Lfm2VlForConditionalGeneration,
+    )
 
     import n2eye
     from n2eye.convert import ConvertConfig, convert
     from n2eye.eval.runner import EvalConfig, evaluate
-    from test_train import run_train
 
     data = write_mixed_dataset(tmp_path / "data")
     options = {"train": mode, "max_steps": 2, "batch_size": 2, "max_length": 4096, "feature_cache": False}
@@ -290,8 +296,9 @@ def test_refusals_name_the_problem(source, converted, tiny_checkpoint, tmp_path)
 def test_a_different_chat_template_is_kept_and_training_says_why_it_cannot(tmp_path):
     """A source whose template renders differently keeps it verbatim (prompts as the original's); training it
     then stops before any work, naming the missing {% generation %} blocks."""
-    from n2eye.fixtures.lfm2vl import LFM2_VL_STYLE_TEMPLATE, make_tiny_lfm2vl
     from test_train import run_train
+
+    from n2eye.fixtures.lfm2vl import LFM2_VL_STYLE_TEMPLATE, make_tiny_lfm2vl
 
     other = LFM2_VL_STYLE_TEMPLATE.replace('"<|im_start|>system\\n"', '"<|im_start|>system (custom)\\n"')
     source = make_tiny_lfm2vl(tmp_path / "src", chat_template=other)

@@ -50,7 +50,7 @@ def test_llamacpp_tokenizes_our_chats_as_we_do(tiny, tmp_path):
     the same ids from llama.cpp's tokenizer (special tokens parsed) as from ours."""
     from conftest import draw_shapes
 
-    model, processor = tiny
+    _, processor = tiny
     path, _ = _export(processor_path(processor), tmp_path / "gguf", "f32")
     llm = _llama(path, vocab_only=True)
     try:

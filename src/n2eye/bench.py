@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .infer.fast_decode import use_fast_decode
 from . import bench_llamacpp as llamacpp
+from .infer.fast_decode import use_fast_decode
 from .infer.quantize import Int4Linear, Int8Linear, quantize_language_model
 from .vision_inputs import VisionInputs
 
@@ -355,12 +355,12 @@ def native_resolution_records(engine, reference_model, repeats: int) -> list[dic
         crops = engine.processor(images=[image], text="<image>", return_tensors="pt")
         inputs = {k: crops[k].to(device) for k in ("pixel_values", "spatial_shapes", "pixel_attention_mask")}
 
-        def ours():
+        def ours(inputs=inputs):
             engine.vision_cache.items.clear()  # a new image each time, as in a new chat
             with torch.inference_mode():
                 engine.model.model.project_grids(engine.vision_cache.grids(VisionInputs.of(inputs)))
 
-        def reference():
+        def reference(inputs=inputs):
             with torch.inference_mode():
                 reference_model.get_image_features(**inputs)
 

@@ -76,8 +76,8 @@ def prefill_records(ours: dict[str, Any], llama: LlamaCppModels, ids: torch.Tens
 
     for round_ in range(repeats + 1):  # round 0 warms up
         for bits, model in ours.items():
-            for name, fn in ((bits, lambda: run_ours(model)),
-                             (f"llamacpp_{PAIRS[bits]}", lambda: llama.prefill(PAIRS[bits], ids))):  # fmt: skip
+            for name, fn in ((bits, lambda m=model: run_ours(m)),
+                             (f"llamacpp_{PAIRS[bits]}", lambda q=PAIRS[bits]: llama.prefill(q, ids))):  # fmt: skip
                 start = time.perf_counter()
                 fn()
                 if round_:
