@@ -32,7 +32,7 @@ from n2eye.bench import (
 from n2eye.bench_llamacpp import LlamaCppModels
 from n2eye.build import build_random
 from n2eye.infer.fast_decode import use_fast_decode
-from n2eye.infer.quantize import language_model_linears
+from n2eye.infer.quantize import Int4Linear, Int8Linear
 
 
 def best(fn, repeats: int) -> float:
@@ -65,7 +65,8 @@ def our_profile(model, ids: torch.Tensor, tokens: int, repeats: int) -> dict:
             model(input_ids=token, past_key_values=cache, use_cache=True, position_ids=torch.tensor([[n + i]]))
         steps.append(time.perf_counter() - start)
     forward = min(steps[1:])
-    layers = [layer for _, _, layer in language_model_linears(model)]
+    kinds = (torch.nn.Linear, Int8Linear, Int4Linear)  # plain, our bf16 kernel's (a Linear), quantized
+    layers = [m for m in (*model.model.language_model.modules(), model.lm_head) if isinstance(m, kinds)]
     inputs = {id(layer): torch.randn(1, 1, layer.in_features, dtype=torch.bfloat16) for layer in layers}
 
     def linears():

@@ -459,8 +459,8 @@ def test_profile_decode_benchmark_runs_as_documented(tmp_path):
                           timeout=600, cwd=root)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    for r in result["ours"].values():
-        assert r["generate_ms"] > 0 and r["forward_ms"] > 0 and r["linears_ms"] > 0
+    for r in result["ours"].values():  # every path's linears take time (the quantized ones were missed once)
+        assert r["generate_ms"] > 0 and r["forward_ms"] > 0 and 0 < r["linears_read_share"] < 5
         assert r["nonlinear_ms"] == pytest.approx(r["forward_ms"] - r["linears_ms"])
     assert set(result["llamacpp"]) == {"bf16", "q8_0", "q4_0"}
     assert all(r["eval_ms"] > 0 and r["n_eval"] >= 3 for r in result["llamacpp"].values())
