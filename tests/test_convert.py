@@ -131,6 +131,7 @@ def test_export_is_native_lfm2vl_with_identical_weights(source, exported):
     for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
         text = (exported / name).read_text()
         assert "n2eye" not in text.lower() and "auto_map" not in text, name
+    assert json.loads((exported / "n2eye_convert.json").read_text())["to"] == "lfm2-vl"  # says what it is
     theirs, ours = load_file(source / "model.safetensors"), load_file(exported / "model.safetensors")
     assert sorted(theirs) == sorted(ours)
     for key in theirs:

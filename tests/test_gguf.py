@@ -3,6 +3,8 @@ ours, its logits match ours within each format's bound, its greedy answers are o
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -247,7 +249,10 @@ def test_llamacpp_sees_images_as_we_do(lfm2vl_gguf, size):
 
 def test_fixed_resolution_mlp_models_export_their_language_model_and_say_why_not_the_rest(tiny_checkpoint, tmp_path):
     path, report = _export(tiny_checkpoint, tmp_path / "out", "f16")
-    assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == ["n2eye_convert.json", path.name]
+    assert json.loads((path.parent / "n2eye_convert.json").read_text())["mmproj_skipped"] == report["mmproj_skipped"]
+    again, _ = _export(tiny_checkpoint, tmp_path / "out", "q8_0")  # a folder n2eye wrote is replaced, not refused
+    assert sorted(p.name for p in again.parent.iterdir()) == ["n2eye_convert.json", again.name]
     assert "'mlp'" in report["mmproj_skipped"] and "language model is exported" in report["mmproj_skipped"]
 
 

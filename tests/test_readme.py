@@ -146,4 +146,5 @@ def test_readme_lfm2vl_round_trip(tmp_path):
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "Lfm2VlForConditionalGeneration", result.stderr[-2000:]
     assert not list(exported.glob("*.py"))
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf"]
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf",
+                                                                     "n2eye_convert.json"]  # fmt: skip

@@ -68,8 +68,13 @@ def default_generation_config(tokenizer, **overrides) -> GenerationConfig:
     return GenerationConfig(**settings)
 
 
+CONVERT_REPORT = "n2eye_convert.json"  # written by `n2eye convert` into every folder it makes
+
+
 def is_n2eye_checkpoint(folder: Path) -> bool:
-    """True for a folder holding an N2-Eye config (safe to replace with a newer build)."""
+    """True for a folder holding an N2-Eye config, or one `n2eye convert` wrote (safe to replace with a newer one)."""
+    if (folder / CONVERT_REPORT).is_file():
+        return True
     try:
         return json.loads((folder / "config.json").read_text()).get("model_type") == "n2eye"
     except (OSError, ValueError):

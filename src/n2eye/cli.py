@@ -30,7 +30,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("answer a prompt (and image), or a JSONL file of requests", "infer.generate", "GenerateConfig", "generate_and_print"),
     "serve": Command("OpenAI-compatible HTTP server with a web chat page", "infer.server", "ServeConfig", "serve"),
     "bench": Command("inference speed against plain transformers (decode bf16/int8/int4, prefill, TTFT)", "bench", "BenchConfig", "run_bench"),
-    "convert": Command("change formats: import a transformers Lfm2Vl (LFM2-VL) checkpoint, export to native Lfm2Vl", "convert", "ConvertConfig", "convert_and_report"),
+    "convert": Command("change formats: import transformers Lfm2Vl (LFM2-VL) checkpoints; export to native Lfm2Vl (vLLM) or GGUF (llama.cpp)", "convert", "ConvertConfig", "convert_and_report"),
     "chat": Command("chat in the terminal (/image, /system, /reset), answers streamed", "infer.chat", "ChatConfig", "chat"),
 }  # fmt: skip
 

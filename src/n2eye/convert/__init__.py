@@ -20,9 +20,9 @@ class ConvertConfig:
     """The checkpoint to convert: a folder, or a hub id (e.g. LiquidAI/LFM2-VL-450M for --to n2eye)."""
     to: str
     """Target format: `n2eye` (import a transformers Lfm2Vl checkpoint), `lfm2-vl` (export to native Lfm2Vl) or
-    `gguf` (llama.cpp: the language model, and the vision side as mmproj for Lfm2Vl shapes)."""
+    `gguf` (llama.cpp: the language model, and the vision side as an mmproj where llama.cpp runs it)."""
     out: str
-    """Folder to write (written atomically; an existing N2-Eye folder is replaced, anything else is refused)."""
+    """Folder to write (atomically; a folder n2eye wrote before is replaced, anything else is refused)."""
     dtype: str | None = None
     """Weights dtype for --to n2eye (float32, bfloat16, float16); default: the source's."""
     quant: str | None = None

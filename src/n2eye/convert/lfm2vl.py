@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write_dir, check_writable, default_generation_config
+from ..checkpoint import CONVERT_REPORT, atomic_write_dir, check_writable, default_generation_config
 from ..modeling.naflex_images import POLICY_SETTINGS, default_settings
 
 # Normalisation keys of the image processor config, shared by Lfm2VlImageProcessor and Siglip2ImageProcessor.
@@ -262,7 +262,7 @@ def import_lfm2vl(source: str, out: str | Path, dtype: torch.dtype | None = None
         "image_policy": policy,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    path = save_checkpoint(model, processor, out, generation_config, extra_json={"n2eye_convert.json": report})
+    path = save_checkpoint(model, processor, out, generation_config, extra_json={CONVERT_REPORT: report})
     if template is not ours:
         (path / "chat_template.jinja").write_text(template)  # copy_modeling_files wrote ours over it
     return path, report
@@ -360,11 +360,11 @@ def export_lfm2vl(source: str, out: str | Path) -> tuple[Path, dict]:
         (tmp / "processor_config.json").write_text(json.dumps(processor_config, indent=2) + "\n")
         for stray in tmp.glob("*.py"):  # nothing that would need trust_remote_code
             stray.unlink()
+        (tmp / CONVERT_REPORT).write_text(json.dumps(report, indent=2) + "\n")  # what it is, where from
 
-    path = atomic_write_dir(out, write)
     report = {"converted_from": source, "to": "lfm2-vl", "weights": len(lfm2vl.state_dict()),
               "parameters": sum(p.numel() for p in lfm2vl.parameters())}  # fmt: skip
-    return path, report
+    return atomic_write_dir(out, write), report
 
 
 __all__ = ["ConversionError", "export_lfm2vl", "import_lfm2vl", "templates_agree"]

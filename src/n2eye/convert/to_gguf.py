@@ -242,7 +242,7 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     """An N2-Eye checkpoint -> `out/<name>-<QUANT>.gguf` (+ `out/mmproj-<name>-f16.gguf` for Lfm2Vl shapes)."""
     from transformers import AutoProcessor
 
-    from ..checkpoint import atomic_write_dir, check_writable
+    from ..checkpoint import CONVERT_REPORT, atomic_write_dir, check_writable
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
     from .lfm2vl import ConversionError, check_local_source, read_json_file
     from .templates import exported_chat_template
@@ -281,10 +281,14 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
                 + " The language model is exported; llama.cpp runs it on text."
             )
 
-    path = atomic_write_dir(out, write)
     report["parameters"] = sum(p.numel() for p in model.model.language_model.parameters())
-    report["weights"] = report["language_model"]["tensors"]
-    return path, report
+
+    def write_all(tmp: Path) -> None:
+        write(tmp)
+        report["weights"] = report["language_model"]["tensors"]
+        (tmp / CONVERT_REPORT).write_text(json.dumps(report, indent=2) + "\n")  # what it is, where from
+
+    return atomic_write_dir(out, write_all), report
 
 
 __all__ = ["QUANTS", "GGUFExportError", "export_gguf", "fixed_image_tokens", "tensor_type", "tokenizer_vocab",
