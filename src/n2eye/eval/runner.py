@@ -2,7 +2,8 @@
 
 Each turn is asked with the dataset's own history before it (earlier gold answers, tool responses), through the
 same `n2eye.load(...).generate_batch` path as inference, greedy. `--blank-images` replaces every image with
-uniform grey: the score that remains is what text priors alone can do.
+uniform grey: the score that remains is what text priors alone can do. `--protocol crag-mm` runs the CRAG-MM
+truthfulness protocol instead (`crag_runner`: the model's own truncated answers as history, optional LLM judge).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from PIL import Image
 from ..data.collate import fill_images
 from ..image_settings import ImageOptions, checked_image_settings
 from .scoring import aggregate, format_table, score_turn
+
+PROTOCOLS = ("exact", "crag-mm")
 
 
 @dataclass
@@ -46,6 +49,45 @@ class EvalConfig(ImageOptions):
     gguf: str | None = None
     """Evaluate this checkpoint's GGUF export (a `n2eye convert --to gguf` folder) through llama.cpp instead:
     llama.cpp renders, tokenizes and sees each prompt; answers are greedy and scored as N2-Eye's are."""
+    protocol: str = "exact"
+    """Scoring: exact (per-type exact match, history from the dataset) or crag-mm (the CRAG-MM truthfulness
+    protocol: the model's own truncated answers as history, exact match / "I don't know" / optional LLM judge,
+    early stop, truthfulness per domain, query category, image quality and egocentric)."""
+    judge_url: str | None = None
+    """crag-mm: OpenAI-compatible server of the LLM judge (base URL or .../v1/chat/completions). Without it only
+    exact match counts as correct, so hallucinations are an upper bound."""
+    judge_model: str | None = None
+    """crag-mm: the judge's model name (required with --judge-url)."""
+    judge_api_key_env: str | None = None
+    """crag-mm: NAME of the environment variable holding the judge's API key (the key itself never goes in flags)."""
+    judge_prompt: str | None = None
+    """crag-mm: judge prompt file with {question}, {ground_truth} and {prediction}; default: the shipped one."""
+    max_answer_tokens: int = 75
+    """crag-mm: answers are cut to this many tokens (special tokens included) before judging and as history."""
+    answer_tokenizer: str | None = None
+    """crag-mm: tokenizer (name or path) that counts --max-answer-tokens; default: the model's own (the official kit
+    uses meta-llama/Llama-3.2-1B-Instruct)."""
+
+    def __post_init__(self) -> None:
+        """Refuses option combinations that would silently be ignored."""
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"Unknown --protocol {self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
+        crag_only = {"judge_url": self.judge_url, "judge_model": self.judge_model,
+                     "judge_api_key_env": self.judge_api_key_env, "judge_prompt": self.judge_prompt,
+                     "answer_tokenizer": self.answer_tokenizer}  # fmt: skip
+        given = [f"--{k.replace('_', '-')}" for k, v in crag_only.items() if v is not None]
+        if self.max_answer_tokens != 75:
+            given.append("--max-answer-tokens")
+        if self.protocol != "crag-mm" and given:
+            raise ValueError(f"{', '.join(given)} only apply to --protocol crag-mm (got --protocol {self.protocol}).")
+        if self.judge_url and not self.judge_model:
+            raise ValueError("--judge-url needs --judge-model (the model name the judge server should run).")
+        if not self.judge_url and (self.judge_model or self.judge_api_key_env):
+            raise ValueError("--judge-model and --judge-api-key-env need --judge-url (where the judge runs).")
+        if self.max_answer_tokens < 2:
+            raise ValueError(f"--max-answer-tokens must be at least 2, got {self.max_answer_tokens}.")
+        if self.judge_prompt is not None and not Path(self.judge_prompt).is_file():
+            raise ValueError(f"--judge-prompt {self.judge_prompt} is not a file.")
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
@@ -116,6 +158,10 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
         engine = _llamacpp_engine(cfg)
     engine = engine or load(cfg.model, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
     image_settings = checked_image_settings(engine.processor, cfg.image_settings())
+    if cfg.protocol == "crag-mm":
+        from .crag_runner import run_crag
+
+        return run_crag(cfg, engine, image_settings, out)
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
