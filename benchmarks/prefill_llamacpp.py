@@ -20,7 +20,6 @@ from n2eye.bench import (
     weight_sharing_copy,
 )
 from n2eye.bench_llamacpp import LlamaCppModels, prefill_records
-from n2eye.build import build_random
 from n2eye.infer.fast_decode import use_fast_decode
 
 
@@ -31,14 +30,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the records here as JSON")
     args = parser.parse_args()
-    model, _ = random_decode_setup(args.preset)
+    model, _, tokenizer = random_decode_setup(args.preset, with_tokenizer=True)
     variants = {"bf16": weight_sharing_copy(model)}
     for bits in ("int8", "int4"):
         variants[bits] = weight_sharing_copy(model)
         quantize_language_model(variants[bits], bits)
     for variant in variants.values():
         use_fast_decode(variant)  # what n2eye.load runs
-    llama = LlamaCppModels(model, build_random(args.preset)[1].tokenizer, ["bf16", "q8_0", "q4_0"],
+    llama = LlamaCppModels(model, tokenizer, ["bf16", "q8_0", "q4_0"],
                            threads=torch.get_num_threads())  # fmt: skip
     torch.manual_seed(1)
     ids = torch.randint(20, model.config.text_config.vocab_size, (1, args.tokens))

@@ -30,7 +30,6 @@ from n2eye.bench import (
     weight_sharing_copy,
 )
 from n2eye.bench_llamacpp import LlamaCppModels
-from n2eye.build import build_random
 from n2eye.infer.fast_decode import use_fast_decode
 from n2eye.infer.quantize import Int4Linear, Int8Linear
 
@@ -107,7 +106,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    model, ids = random_decode_setup(args.preset)
+    model, ids, tokenizer = random_decode_setup(args.preset, with_tokenizer=True)
     bandwidth = memory_read_bandwidth()
     ours = {}
     for name in ("bf16", "bf16_kernel", "int8", "int4"):
@@ -119,7 +118,7 @@ def main() -> None:
             continue
         ours[name] = our_profile(variant, ids, args.new_tokens, args.repeats)
         del variant
-    llama = LlamaCppModels(model, build_random(args.preset)[1].tokenizer, ["bf16", "q8_0", "q4_0"],
+    llama = LlamaCppModels(model, tokenizer, ["bf16", "q8_0", "q4_0"],
                            threads=torch.get_num_threads())  # fmt: skip
     try:
         theirs = {q: llamacpp_profile(llama, q, ids, args.new_tokens, args.repeats) for q in llama.models}

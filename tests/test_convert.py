@@ -247,6 +247,14 @@ def _copy(source: Path, to: Path) -> Path:
     return to
 
 
+def _with_config(source: Path, to: Path, **changes) -> Path:
+    """A copy of `source` whose config.json has `changes`."""
+    folder = _copy(source, to)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
 def _convert(model, to="n2eye", out=None, tmp_path=None):
     from n2eye.convert import ConvertConfig, convert
 
@@ -261,19 +269,10 @@ def test_refusals_name_the_problem(source, converted, tiny_checkpoint, tmp_path)
     with pytest.raises(ConversionError, match="no weights"):
         _convert(no_weights, tmp_path=tmp_path)
 
-    wrong_config = _copy(source, tmp_path / "wrong-config")
-    config = json.loads((wrong_config / "config.json").read_text())
-    config["projector_hidden_size"] = 40
-    (wrong_config / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="do not (match|fit) its config.json"):
-        _convert(wrong_config, tmp_path=tmp_path)
-
-    wrong_image_id = _copy(source, tmp_path / "wrong-image-id")
-    config = json.loads((wrong_image_id / "config.json").read_text())
-    config["image_token_id"] = 5
-    (wrong_image_id / "config.json").write_text(json.dumps(config))
+        _convert(_with_config(source, tmp_path / "wrong-config", projector_hidden_size=40), tmp_path=tmp_path)
     with pytest.raises(ConversionError, match="different models"):
-        _convert(wrong_image_id, tmp_path=tmp_path)
+        _convert(_with_config(source, tmp_path / "wrong-image-id", image_token_id=5), tmp_path=tmp_path)
 
     with pytest.raises(ConversionError, match="already an N2-Eye checkpoint"):
         _convert(converted, tmp_path=tmp_path)

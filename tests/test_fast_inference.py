@@ -182,13 +182,17 @@ def test_bench_times_llamacpp_on_the_same_weights():
     """llama.cpp's figures pair our bf16 / int8 / int4 with its BF16 / Q8_0 / Q4_0 (decode and prefill), in the
     same timing loop as ours; what it runs is our model: its greedy tokens are ours (float32 both)."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
-    from n2eye.bench import BenchConfig, decode_records, greedy_generate, random_decode_setup
+    from n2eye.bench import (
+        BenchConfig,
+        decode_records,
+        greedy_generate,
+        random_decode_setup,
+    )
     from n2eye.bench_llamacpp import LlamaCppModels
-    from n2eye.build import build_random
 
-    model, ids = random_decode_setup("tiny", prompt_tokens=16)
+    model, ids, tokenizer = random_decode_setup("tiny", prompt_tokens=16, with_tokenizer=True)
     cfg = BenchConfig(preset="tiny", new_tokens=4, decode_rounds=1, repeats=1, prompt_tokens=16)
-    records = {r["name"]: r for r in decode_records(model, cfg, bandwidth=10.0)}
+    records = {r["name"]: r for r in decode_records(model, cfg, bandwidth=10.0, tokenizer=tokenizer)}
     pairs = {"bf16": "bf16", "int8": "q8_0", "int4": "q4_0"}
     for ours, theirs in pairs.items():
         for kind in ("decode", "prefill"):
@@ -199,7 +203,7 @@ def test_bench_times_llamacpp_on_the_same_weights():
     assert records["llamacpp_prefill_bf16"]["prompt_tokens"] == 128
 
     model = model.float()
-    llama = LlamaCppModels(model, build_random("tiny")[1].tokenizer, ["f32"], threads=1)
+    llama = LlamaCppModels(model, tokenizer, ["f32"], threads=1)
     try:
         assert llama.generate("f32", ids, 6) == greedy_generate(model, ids, 6)[0][0].tolist()
     finally:
@@ -283,8 +287,8 @@ def test_bf16_kernel_rounds_to_what_pytorch_linear_gives(rows, in_features):
 
 
 def test_bf16_decode_kernel_keeps_weights_ties_and_greedy_tokens(tiny_checkpoint):
-    from n2eye.infer.fast_decode import Bf16DecodeLinear, use_bf16_decode_kernel
     from n2eye.bench import greedy_generate
+    from n2eye.infer.fast_decode import Bf16DecodeLinear, use_bf16_decode_kernel
     from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
 
     _bf16_kernel_or_skip()
@@ -318,8 +322,8 @@ def test_load_runs_the_bf16_kernel_only_when_asked(tiny_checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_checkpoint, dtype, monkeypatch):
-    from n2eye.infer import fast_decode
     from n2eye.bench import greedy_generate
+    from n2eye.infer import fast_decode
     from n2eye.infer.fast_decode import use_fast_short_conv
     from n2eye.kernels import unavailable_reason
     from n2eye.modeling.modeling_n2eye import N2EyeForConditionalGeneration
@@ -359,14 +363,14 @@ def test_fused_short_conv_decode_gives_transformers_tokens_and_conv_states(tiny_
     assert torch.equal(step, ref_step)
 
 
-def _run_benchmark_script(name: str, tmp_path: Path, *args: str) -> dict:
-    """Runs `python benchmarks/<name>.py` on the tiny preset as benchmarks/README documents it; returns its JSON."""
+def _run_benchmark_script(name: str, tmp_path: Path, *args: str, short=("--new-tokens", "8", "--rounds", "1")):
+    """Runs `python benchmarks/<name>.py` on the tiny preset as benchmarks/README documents it, with `short`
+    settings; returns its JSON."""
     root = Path(__file__).resolve().parents[1]
     assert f"python benchmarks/{name}.py" in (root / "benchmarks" / "README.md").read_text()
     out = tmp_path / f"{name}.json"
     done = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / f"{name}.py"), "--preset", "tiny", "--new-tokens", "8",
-         "--rounds", "1", *args, "--out", str(out)],
+        [sys.executable, str(root / "benchmarks" / f"{name}.py"), "--preset", "tiny", *short, *args, "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=root,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -435,14 +439,8 @@ def test_fetch_wheels_downloads_one_python_312_wheel_per_pinned_package(tmp_path
 def test_prefill_llamacpp_benchmark_runs_as_documented(tmp_path):
     """`python benchmarks/prefill_llamacpp.py`: our three prefill paths against llama.cpp's three formats."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
-    root = Path(__file__).resolve().parents[1]
-    assert "python benchmarks/prefill_llamacpp.py" in (root / "benchmarks" / "README.md").read_text()
-    out = tmp_path / "prefill.json"
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "prefill_llamacpp.py"), "--preset", "tiny",
-                           "--tokens", "64", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=root)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    records = {r["name"]: r for r in json.loads(out.read_text())}
+    result = _run_benchmark_script("prefill_llamacpp", tmp_path, short=("--tokens", "64", "--repeats", "1"))
+    records = {r["name"]: r for r in result}
     assert sorted(records) == ["llamacpp_prefill_bf16", "llamacpp_prefill_q4_0", "llamacpp_prefill_q8_0"]
     assert all(r["ours"] > 0 and r["reference"] > 0 and r["prompt_tokens"] == 64 for r in records.values())
 
@@ -451,14 +449,7 @@ def test_prefill_llamacpp_benchmark_runs_as_documented(tmp_path):
 def test_profile_decode_benchmark_runs_as_documented(tmp_path):
     """`python benchmarks/profile_decode.py`: a token's time split for each of our paths, llama.cpp's eval time."""
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install 'n2eye[gguf]'")
-    root = Path(__file__).resolve().parents[1]
-    assert "python benchmarks/profile_decode.py" in (root / "benchmarks" / "README.md").read_text()
-    out = tmp_path / "profile.json"
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "profile_decode.py"), "--preset", "tiny",
-                           "--new-tokens", "4", "--repeats", "1", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600, cwd=root)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = _run_benchmark_script("profile_decode", tmp_path, short=("--new-tokens", "4", "--repeats", "1"))
     for r in result["ours"].values():  # every path's linears take time (the quantized ones were missed once)
         assert r["generate_ms"] > 0 and r["forward_ms"] > 0 and 0 < r["linears_read_share"] < 5
         assert r["nonlinear_ms"] == pytest.approx(r["forward_ms"] - r["linears_ms"])

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from test_packing import _per_sample_losses
 from test_train import CrashAfterSave, _losses, _state, run_train
 
@@ -239,14 +238,25 @@ def eye(naflex_checkpoint):
     return n2eye.load(naflex_checkpoint)
 
 
-def _uncached_answer(eye, prompt_ids: torch.Tensor, images: list, max_new_tokens: int) -> torch.Tensor:
+def _uncached_answer(eye, prompt_ids: torch.Tensor, images: list, max_new_tokens: int, **settings) -> torch.Tensor:
     """Plain transformers generate over the whole prompt: pixels (all crops) in, no vision or KV cache."""
-    pixels = eye.processor(text="<image>" * len(images), images=images, return_tensors="pt")
-    crops = {k: pixels[k] for k in ("pixel_values", "spatial_shapes", "pixel_attention_mask")}
+    pixels = eye.processor(text="<image>" * len(images), images=images, return_tensors="pt", **settings)
+    crops = {k: pixels[k] for k in ("pixel_values", "spatial_shapes", "pixel_attention_mask") if k in pixels}
     with torch.no_grad():
         out = eye.model.generate(input_ids=prompt_ids, attention_mask=torch.ones_like(prompt_ids), **crops,
                                  do_sample=False, max_new_tokens=max_new_tokens, use_cache=False)  # fmt: skip
     return out[0, prompt_ids.shape[1] :]
+
+
+def assert_last_answer_is_uncached(eye, session, images: list, **settings) -> None:
+    """The cached session's last answer (3 greedy tokens) is what plain `generate` writes over its whole prompt."""
+    ids = session.ids
+    answer_ids = eye.tokenizer(session.messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    for cut in (len(answer_ids) + 1, len(answer_ids)):  # with or without the closing <|im_end|>
+        prompt = ids[:, : ids.shape[1] - cut]
+        if eye.decode(_uncached_answer(eye, prompt, images, 3, **settings)) == session.messages[-1]["content"]:
+            return
+    pytest.fail("the cached session's last answer differs from uncached generate")
 
 
 def test_session_with_a_tiled_image_equals_uncached_generate(eye):
@@ -262,14 +272,7 @@ def test_session_with_a_tiled_image_equals_uncached_generate(eye):
         prefilled.append(session.prefilled_tokens - start)
     assert eye.vision_cache.encoded - before == 8, "each crop encoded once per session"
     assert prefilled[0] > 1770 and prefilled[1] < 30 and prefilled[2] < 100
-    ids = session.ids
-    answer_ids = eye.tokenizer(session.messages[-1]["content"], add_special_tokens=False)["input_ids"]
-    for cut in (len(answer_ids) + 1, len(answer_ids)):  # with or without the closing <|im_end|>
-        prompt = ids[:, : ids.shape[1] - cut]
-        if eye.decode(_uncached_answer(eye, prompt, [big, small], 3)) == session.messages[-1]["content"]:
-            break
-    else:
-        pytest.fail("the cached session's last answer differs from uncached generate")
+    assert_last_answer_is_uncached(eye, session, [big, small])
     one_shot = [{"role": "user", "content": turns[0]}]
     inputs = eye.processor.apply_chat_template(one_shot, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                return_tensors="pt")  # fmt: skip

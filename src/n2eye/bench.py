@@ -170,14 +170,16 @@ def _last_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits[0, -1].float()
 
 
-def random_decode_setup(preset: str, prompt_tokens: int = 64) -> tuple[Any, torch.Tensor]:
-    """The preset's random-init model in bf16 (eval) and a seeded random prompt: what the decode figures time."""
+def random_decode_setup(preset: str, prompt_tokens: int = 64, with_tokenizer: bool = False) -> tuple:
+    """The preset's random-init model in bf16 (eval) and a seeded random prompt: what the decode figures time;
+    `with_tokenizer`: also its tokenizer (what llama.cpp's GGUF needs), from the same build."""
     from .build import build_random
 
-    model, _ = build_random(preset)
+    model, processor = build_random(preset)
     model = model.to(torch.bfloat16).eval()
     torch.manual_seed(0)
-    return model, torch.randint(20, model.config.text_config.vocab_size, (1, prompt_tokens))
+    ids = torch.randint(20, model.config.text_config.vocab_size, (1, prompt_tokens))
+    return (model, ids, processor.tokenizer) if with_tokenizer else (model, ids)
 
 
 def weight_sharing_copy(model):
@@ -205,7 +207,7 @@ def paired_decode_rates(generators: dict[str, Any], n: int, repeats: int,
     return {name: (n - 1) / max(1e-9, full - one) for name, (full, one) in best.items()}
 
 
-def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, Any]]:
+def decode_records(model, cfg: BenchConfig, bandwidth: float, tokenizer=None) -> list[dict[str, Any]]:
     """decode_bf16 (what `n2eye.load` runs for bf16: `generate` on the exact fused short conv), decode_bf16_kernel
     (+ the opt-in bf16 kernel) and decode_int8/int4 (quantized weights), each against plain transformers
     `generate` in bf16 on the same weights (one loop for all: `greedy_generate`, the one users run), all timed in alternation in one loop, with the logit difference of
@@ -231,7 +233,7 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
         variants[bits] = variant
     generators = {"reference": lambda k: greedy_generate(model, ids, k)}
     generators.update({bits: (lambda k, v=v: greedy_generate(v, ids, k)) for bits, v in variants.items()})
-    llama = _llamacpp_models(model, cfg, [bits for bits in variants if bits in llamacpp.PAIRS])
+    llama = _llamacpp_models(model, tokenizer, cfg, [bits for bits in variants if bits in llamacpp.PAIRS])
     if llama is not None:  # llama.cpp on the same weights, timed in the same alternation
         generators.update({f"llamacpp_{q}": (lambda k, q=q: llama.generate(q, ids, k)) for q in llama.models})
     try:
@@ -252,20 +254,18 @@ def decode_records(model, cfg: BenchConfig, bandwidth: float) -> list[dict[str, 
     return records
 
 
-def _llamacpp_models(model, cfg: BenchConfig, ours: list[str]):
-    """llama.cpp with this model's language model in the formats matching `ours`, or None (said why)."""
+def _llamacpp_models(model, tokenizer, cfg: BenchConfig, ours: list[str]):
+    """llama.cpp with this model's language model (and `tokenizer`, the GGUF's vocabulary) in the formats matching
+    `ours`, or None (said why)."""
     if not cfg.llamacpp or torch.device(cfg.device).type != "cpu" or not ours:
         return None
-    why = llamacpp.available()
+    why = llamacpp.available() or (None if tokenizer is not None else "no tokenizer was given for the GGUF vocabulary")
     if why:
         print(f"  llama.cpp figures skipped: {why}")
         return None
-    from .build import build_random
-
-    _, processor = build_random(cfg.preset)  # the preset's tokenizer (the weights are `model`'s)
     quants = [llamacpp.PAIRS[bits] for bits in ours]
     print(f"  llama.cpp: {', '.join(q.upper() for q in quants)} on the same weights, {torch.get_num_threads()} threads")
-    return llamacpp.LlamaCppModels(model, processor.tokenizer, quants, threads=torch.get_num_threads())
+    return llamacpp.LlamaCppModels(model, tokenizer, quants, threads=torch.get_num_threads())
 
 
 def _decode_figures(variants: dict, rates: dict, ids: torch.Tensor, base_logits: torch.Tensor,
@@ -613,7 +613,7 @@ def run_bench(cfg: BenchConfig) -> list[dict[str, Any]]:
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     records = [_record("memory_read_bandwidth", "GB/s", bandwidth, None)]
     reference = lfm2vl_reference(model)  # transformers' own Lfm2Vl, for LFM2-VL shapes
-    steps = [("decode", lambda: decode_records(model, cfg, bandwidth)),
+    steps = [("decode", lambda: decode_records(model, cfg, bandwidth, processor.tokenizer)),
              ("prefill", lambda: [prefill_record(model, cfg)]),
              ("time to first token, 5-turn chat", lambda: ttft_records(N2Eye(model, processor),
                                                                        reference_model=reference))]  # fmt: skip

@@ -24,6 +24,9 @@ from ..modeling.naflex_images import POLICY_SETTINGS, default_settings
 NORMALIZATION_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
 LFM2VL_IMAGE_PROCESSORS = ("Lfm2VlImageProcessor", "Lfm2VlImageProcessorFast")
 REQUIRED_TOKENS = ("<image>", "<|image_start|>", "<|image_end|>", "<|im_start|>", "<|im_end|>")
+# Options Lfm2VlConfig and N2EyeConfig both have, with the same names and meanings: copied as they are both ways.
+SHARED_CONFIG_FIELDS = ("projector_hidden_size", "projector_hidden_act", "projector_bias", "projector_use_layernorm",
+                        "downsample_factor", "image_token_id", "tie_word_embeddings")  # fmt: skip
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
@@ -100,14 +103,8 @@ def n2eye_config_from_lfm2vl(config) -> Any:
         text_config=config.text_config.to_dict(),
         vision_config=config.vision_config.to_dict(),
         projector_type="pixel_unshuffle_mlp",
-        projector_hidden_size=config.projector_hidden_size,
-        projector_hidden_act=config.projector_hidden_act,
-        projector_bias=config.projector_bias,
-        projector_use_layernorm=config.projector_use_layernorm,
-        downsample_factor=config.downsample_factor,
-        image_token_id=config.image_token_id,
         vision_feature_layer=-1,
-        tie_word_embeddings=config.tie_word_embeddings,
+        **{name: getattr(config, name) for name in SHARED_CONFIG_FIELDS},
     )
 
 
@@ -298,13 +295,7 @@ def lfm2vl_config_from_n2eye(config) -> Any:
     return Lfm2VlConfig(
         text_config=config.text_config.to_dict(),
         vision_config=vision,
-        image_token_id=config.image_token_id,
-        projector_hidden_act=config.projector_hidden_act,
-        projector_hidden_size=config.projector_hidden_size,
-        projector_bias=config.projector_bias,
-        projector_use_layernorm=config.projector_use_layernorm,
-        downsample_factor=config.downsample_factor,
-        tie_word_embeddings=config.tie_word_embeddings,
+        **{name: getattr(config, name) for name in SHARED_CONFIG_FIELDS},
     )
 
 

@@ -56,7 +56,9 @@ class Int8Linear(nn.Module):
         shape = x.shape
         rows = x.reshape(-1, shape[-1])
         if rows.shape[0] > FAST_MAX_ROWS:  # prefill: x @ q.T in bf16 (q's integers are exact there), then * scale
-            q = self.qweight.to(self.dtype) - 128 if self.fast else self.qweight.to(self.dtype)
+            q = self.qweight.to(self.dtype)
+            if self.fast:
+                q.sub_(128)  # in place: one bf16 copy of the weight per call, not two
             out = (nn.functional.linear(rows.to(self.dtype), q).float() * self.scale.float()).to(self.dtype)
         elif not self.fast:
             out = torch._weight_int8pack_mm(rows.to(self.dtype), self.qweight, self.scale)
