@@ -55,6 +55,10 @@ from typing import Any
 MAX_RESPONSE_TOKENS = 75
 """``MAX_RESPONSE_LENGTH_IN_TOKENS`` in the kit's ``evaluation/config.py``."""
 
+SESSIONS_TO_SKIP = frozenset({"04d98259-27af-41b1-a7be-5798fd1b8e95", "695b4b5c-7c65-4f7b-8968-50fe10482a16"})
+"""``SESSIONS_TO_SKIP`` in the kit's ``evaluation/config.py`` (the same two for single- and multi-turn): sessions the
+official evaluation leaves out; ``crag_runner`` skips them too and lists them in its result."""
+
 VERDICTS = ("correct", "missing", "hallucination", "early_stop")
 
 Judge = Callable[[str, str, str], Any]

@@ -22,12 +22,12 @@ from .scoring import aggregate, format_table, score_turn
 PROTOCOLS = ("exact", "crag-mm")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig(ImageOptions):
     """Options of `n2eye eval`."""
 
-    model: str
-    """Checkpoint folder (or hub id)."""
+    model: str | None = None
+    """Checkpoint folder (or hub id); required unless --agent-url names a server to evaluate instead."""
     data: str
     """Held-out SPEC (file, folder or hub dataset, optional :split)."""
     out: str
@@ -66,7 +66,22 @@ class EvalConfig(ImageOptions):
     """crag-mm: answers are cut to this many tokens (special tokens included) before judging and as history."""
     answer_tokenizer: str | None = None
     """crag-mm: tokenizer (name or path) that counts --max-answer-tokens; default: the model's own (the official kit
-    uses meta-llama/Llama-3.2-1B-Instruct)."""
+    uses meta-llama/Llama-3.2-1B-Instruct; with --agent-url: --agent-model's tokenizer)."""
+    agent_url: str | None = None
+    """crag-mm: evaluate this OpenAI-compatible chat server (vLLM, llama.cpp's llama-server, n2eye serve, a hosted
+    API) instead of a local --model: images sent as data URIs, history as the protocol says, greedy."""
+    agent_model: str | None = None
+    """crag-mm: the model name the --agent-url server should run (required with --agent-url)."""
+    agent_api_key_env: str | None = None
+    """crag-mm: NAME of the environment variable holding the agent server's API key."""
+    concurrency: int = 8
+    """crag-mm: requests in flight at once to the judge (and to --agent-url); each is retried up to 3 times."""
+    judge_timeout: float = 60.0
+    """crag-mm: seconds before a judge call is given up (then retried, then counted as not correct)."""
+    early_stop_as_missing: bool = False
+    """crag-mm: also count the turns after an early stop as missing in the counts and truthfulness (the reading of
+    the CRAG-MM paper); default: the official kit's arithmetic, which applies the early stop to the multi-turn
+    conversation score only. Both are in every result's turn records."""
 
     def __post_init__(self) -> None:
         """Refuses option combinations that would silently be ignored."""
@@ -74,10 +89,11 @@ class EvalConfig(ImageOptions):
             raise ValueError(f"Unknown --protocol {self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
         crag_only = {"judge_url": self.judge_url, "judge_model": self.judge_model,
                      "judge_api_key_env": self.judge_api_key_env, "judge_prompt": self.judge_prompt,
-                     "answer_tokenizer": self.answer_tokenizer}  # fmt: skip
+                     "answer_tokenizer": self.answer_tokenizer, "agent_url": self.agent_url,
+                     "agent_model": self.agent_model, "agent_api_key_env": self.agent_api_key_env}  # fmt: skip
         given = [f"--{k.replace('_', '-')}" for k, v in crag_only.items() if v is not None]
-        if self.max_answer_tokens != 75:
-            given.append("--max-answer-tokens")
+        changed = {"max_answer_tokens": 75, "concurrency": 8, "judge_timeout": 60.0, "early_stop_as_missing": False}
+        given += [f"--{k.replace('_', '-')}" for k, default in changed.items() if getattr(self, k) != default]
         if self.protocol != "crag-mm" and given:
             raise ValueError(f"{', '.join(given)} only apply to --protocol crag-mm (got --protocol {self.protocol}).")
         if self.judge_url and not self.judge_model:
@@ -88,6 +104,27 @@ class EvalConfig(ImageOptions):
             raise ValueError(f"--max-answer-tokens must be at least 2, got {self.max_answer_tokens}.")
         if self.judge_prompt is not None and not Path(self.judge_prompt).is_file():
             raise ValueError(f"--judge-prompt {self.judge_prompt} is not a file.")
+        if self.concurrency < 1 or self.judge_timeout <= 0:
+            raise ValueError("--concurrency must be at least 1 and --judge-timeout above 0.")
+        self._check_agent()
+
+    def _check_agent(self) -> None:
+        """A server (--agent-url) or a local checkpoint (--model), and only the flags that apply to it."""
+        if self.agent_url is None:
+            if self.agent_model or self.agent_api_key_env:
+                raise ValueError("--agent-model and --agent-api-key-env need --agent-url (the server to evaluate).")
+            if not self.model:
+                raise ValueError("Missing required option(s): --model (or --agent-url with --protocol crag-mm).")
+            return
+        if not self.agent_model:
+            raise ValueError("--agent-url needs --agent-model (the model name the server should run).")
+        local = {"--model": self.model, "--quantize": self.quantize, "--gguf": self.gguf,
+                 "--trust-remote-code": self.trust_remote_code or None, **{
+                     f"--{k.replace('_', '-').replace('do-', '')}": v for k, v in self.image_settings().items()}}  # fmt: skip
+        given = [flag for flag, value in local.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} apply to a local model, not to --agent-url (the server runs its own "
+                             "model with its own image settings).")  # fmt: skip
 
 
 def question_type(conversation: dict, turn_index: int) -> str:
@@ -154,6 +191,10 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     from ..infer.engine import load
 
     out = check_file_writable(cfg.out)  # fail now, not after the long part
+    if cfg.agent_url:
+        from .crag_runner import make_agent, run_crag
+
+        return run_crag(cfg, engine or make_agent(cfg), {}, out)
     if engine is None and cfg.gguf:
         engine = _llamacpp_engine(cfg)
     engine = engine or load(cfg.model, quantize=cfg.quantize, trust_remote_code=cfg.trust_remote_code)
