@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..vision_inputs import VisionInputs
+from .abstention import DEFAULT_ABSTAIN_ANSWER, Abstention
 from .collate import TRUNCATED_FROM, Collator, encode_conversation
 from .packing import PackedCollator, conv_gap, pack_examples
 from .report import SkipReport, SkipRow
@@ -54,14 +55,17 @@ def encode_dataset(
     max_samples: int,
     report: SkipReport,
     image_settings: dict[str, Any] | None = None,
+    abstention: Abstention | None = None,
 ) -> list[dict]:
-    """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted)."""
+    """Reads SPEC through the format adapters and tokenizes every usable conversation (skips counted); with
+    `abstention`, its share of conversations is turned into "I don't know" samples first."""
     from tqdm.auto import tqdm
 
     from .formats import load_many
 
     examples = []
-    stream = load_many(spec, fmt, report=report)
+    source = load_many(spec, fmt, report=report)
+    stream = abstention.apply(source) if abstention else source
     for conversation in tqdm(stream, desc=f"encoding {spec}", unit="conv"):
         example = encode_or_skip(processor, conversation, max_length, last_turn_only, report, image_settings)
         if example is None:
@@ -69,7 +73,7 @@ def encode_dataset(
         examples.append(example)
         if max_samples and len(examples) >= max_samples:
             break
-    stream.close()
+    source.close()
     if not examples:
         raise ValueError(f"No usable training sample in {spec}: {report.summary()}")
     return examples
@@ -97,7 +101,9 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         from .formats import load_many
 
         cfg = self.cfg
-        for conversation in load_many(cfg.data, cfg.format, streaming=True, report=self.report, check_all_bad=False):
+        stream = load_many(cfg.data, cfg.format, streaming=True, report=self.report, check_all_bad=False)
+        abstention = abstention_of(cfg)
+        for conversation in abstention.apply(stream) if abstention else stream:
             example = encode_or_skip(self.processor, conversation, cfg.max_length, cfg.last_turn_only, self.report,
                                      cfg.image_settings())  # fmt: skip
             if example is None:
@@ -130,10 +136,20 @@ def attach_cached_features(cache, examples: list[dict], state) -> None:
     print(f"vision feature cache {cache.dir}: {cache.hits} reused, {cache.misses} computed{where}")
 
 
-def prepare_datasets(cfg: Any, processor, model, report: SkipReport, eval_report: SkipReport, args, cache=None):
+def abstention_of(cfg: Any) -> Abstention | None:
+    """The --abstain-fraction option of a train config, or None when it is off."""
+    fraction = getattr(cfg, "abstain_fraction", 0.0)
+    if not fraction:
+        return None
+    return Abstention(fraction, getattr(cfg, "abstain_answer", DEFAULT_ABSTAIN_ANSWER), cfg.seed)
+
+
+def prepare_datasets(cfg: Any, processor, model, report: SkipReport, eval_report: SkipReport, args, cache=None,
+                     abstention: Abstention | None = None):  # fmt: skip
     """Train/eval examples (encoded, or streamed), feature-cached and packed as configured, and their collator.
     `args`: the run's TrainingArguments (its processes share the feature cache's work); `cache`: the run's
-    frozen-vision feature cache (`train.feature_cache`), or None."""
+    frozen-vision feature cache (`train.feature_cache`), or None; `abstention`: the training data's
+    "I don't know" option (`abstention_of(cfg)`), which counts what it changed (the eval data is never changed)."""
     if cfg.streaming:
         from .formats import load_many
 
@@ -141,8 +157,11 @@ def prepare_datasets(cfg: Any, processor, model, report: SkipReport, eval_report
         train_set = StreamingExamples(processor, cfg, report, cache)
     else:
         train_set = encode_dataset(processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only,
-                                   cfg.max_samples, report, cfg.image_settings())  # fmt: skip
+                                   cfg.max_samples, report, cfg.image_settings(), abstention)  # fmt: skip
         print(f"train: {len(train_set)} conversations; {report.summary()}")
+        if abstention is not None:
+            print(f"abstention: {abstention.count} conversations with images withheld and answers "
+                  f"{abstention.answer!r} (--abstain-fraction {abstention.fraction})")  # fmt: skip
     eval_set = None
     if cfg.eval_data:
         eval_set = encode_dataset(processor, cfg.eval_data, cfg.format, cfg.max_length, cfg.last_turn_only, 0,

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..data.abstention import Abstention
 from ..image_settings import ImageOptions
 
 TRAIN_MODES = ("projector", "full", "lora")
@@ -133,6 +134,12 @@ class TrainConfig(ImageOptions):
     """After a LoRA run, also write out/merged: the LoRA weights merged into a plain checkpoint."""
     last_turn_only: bool = False
     """Supervise only the last assistant turn of each conversation."""
+    abstain_fraction: float = 0.0
+    """Teach abstention (CRAG-MM rewards "I don't know" over a wrong guess): this fraction of the training
+    conversations that have images get every image withheld (uniform grey) and every answer replaced by
+    --abstain-answer. 0: off."""
+    abstain_answer: str = "I don't know."
+    """The answer of --abstain-fraction's conversations."""
     eval_every: int = ta_field("eval_strategy", "eval_steps", default=0, computed=True)
     """Evaluate held-out loss every N steps (0: only at the end, when --eval-data is given)."""
     save_every: int = ta_field("save_strategy", "save_steps", default=0, computed=True)
@@ -186,6 +193,7 @@ class TrainConfig(ImageOptions):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        Abstention(self.abstain_fraction, self.abstain_answer)  # refuses a fraction outside [0, 1), an empty answer
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("Give --epochs > 0 or --max-steps > 0.")
         if self.lr_schedule not in LR_SCHEDULES:

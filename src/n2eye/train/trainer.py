@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
-from ..data.examples import prepare_datasets
+from ..data.examples import abstention_of, prepare_datasets
 from ..data.report import SkipReport
 from ..image_settings import checked_image_settings
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
@@ -209,8 +209,9 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
 
     report, eval_report = SkipReport(), SkipReport()
     args = training_arguments(cfg, has_eval=bool(cfg.eval_data))  # first: it sets up the processes and the device
+    abstention = abstention_of(cfg)
     train_set, eval_set, collator, n_conversations = prepare_datasets(
-        cfg, processor, model, report, eval_report, args, make_feature_cache(model, cfg, args.device)
+        cfg, processor, model, report, eval_report, args, make_feature_cache(model, cfg, args.device), abstention
     )
 
     lora = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "lora_dropout": cfg.lora_dropout}
@@ -248,6 +249,7 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         "config": dataclasses.asdict(cfg),
         "train_conversations": n_conversations,
         "train_rows": None if cfg.streaming else len(train_set),
+        "abstention_conversations": None if abstention is None or cfg.streaming else abstention.count,
         "skipped": report.to_dict(),
         "eval_skipped": eval_report.to_dict() if eval_set is not None else None,
         "trainable_parameters": trainable,
