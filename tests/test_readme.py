@@ -148,3 +148,53 @@ def test_readme_lfm2vl_round_trip(tmp_path):
     assert not list(exported.glob("*.py"))
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf",
                                                                      "n2eye_convert.json"]  # fmt: skip
+
+
+@pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
+def test_readme_crag_mm_command_with_n2eye_serve_as_agent_and_judge(tiny_checkpoint, tmp_path, monkeypatch):
+    """The README's CRAG-MM block as written, with what needs the internet made local: the hub dataset becomes a
+    local CRAG-MM parquet, both servers become one `n2eye serve` of the tiny checkpoint (named as the README's
+    agent model), the gated Llama tokenizer the tiny checkpoint's. Every turn is answered through the server
+    (images as data URIs) and judged by it (a random model's verdicts are unparsable: not correct, counted)."""
+    pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
+    import socket
+    import time
+    import urllib.request
+
+    from test_crag_eval import write_crag
+
+    sessions = [("r1", "ego", "food", "simple", "normal", [("What dish is this?", "pizza", ""), ("Is it hot?", "yes", "")]),
+                ("r2", "ego", "vehicle", "simple", "low", [("What brand is the car?", "Toyota", "")])]  # fmt: skip
+    data = write_crag(tmp_path, "http://unused", sessions)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    n2eye = [sys.executable, "-m", "n2eye.cli"]
+    server = subprocess.Popen(n2eye + ["serve", "--model", str(tiny_checkpoint), "--port", str(port), "--model-name",
+                                       "LiquidAI/LFM2-VL-1.6B"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(base + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        local = {"crag-mm-2025/crag-mm-multi-turn-public:validation": str(data), "http://localhost:8000": base,
+                 "https://api.openai.com": base, "gpt-4o-mini": "LiquidAI/LFM2-VL-1.6B",
+                 "meta-llama/Llama-3.2-1B-Instruct": str(tiny_checkpoint)}  # fmt: skip
+        args = [local.get(a, a) for a in shlex.split(block_after("crag-command"))]
+        assert args[:4] == ["n2eye", "eval", "--protocol", "crag-mm"] and base in args
+        env = {**__import__("os").environ, "OPENAI_API_KEY": "sk-local", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        result = subprocess.run(n2eye + args[1:] + ["--max-new-tokens", "8"], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=600, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = json.loads((tmp_path / "crag.json").read_text())
+    assert out["agent"]["model"] == "LiquidAI/LFM2-VL-1.6B" and out["agent_errors"] == 0
+    assert out["overall"]["n"] == 3 and set(out["per_domain"]) == {"food", "vehicle"}
+    assert out["judge"]["model"] == "LiquidAI/LFM2-VL-1.6B" and out["judge_errors"] == 0
+    assert out["answer_tokenizer"] == str(tiny_checkpoint)
+    assert all(t["agent_error"] is None for t in out["turns"])  # the server answered every turn
