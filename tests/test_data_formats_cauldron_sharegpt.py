@@ -15,11 +15,11 @@ import datasets
 import pytest
 from datasets import Features, List, Value
 from datasets import Image as ImageFeature
+from test_data_formats import IMAGES, write_images
 
 from n2eye.data import SkipReport, detect_format, iter_conversations, load_source
 from n2eye.data.formats import load_many, make_adapter
 from n2eye.images import ImageCache
-from test_data_formats import IMAGES, write_images
 
 # ------------------------------------------------------------------------------------------ the Cauldron
 
@@ -58,8 +58,8 @@ def cauldron_messages(texts, keys) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- ShareGPT
 
-LOOKUP = {"name": "lookup_price", "description": "Look up a price.",
-          "parameters": {"type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]}}  # fmt: skip
+ITEM = {"type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"]}
+LOOKUP = {"name": "lookup_price", "description": "Look up a price.", "parameters": ITEM}
 CART = {"name": "add_to_cart", "description": "Add to the cart.", "parameters": {"type": "object", "properties": {}}}
 
 
@@ -78,8 +78,8 @@ SHAREGPT = [
       {"role": "assistant", "content": "No."}]),
     ("g-two-images", [("human", "Compare <image> with <image>."), ("gpt", "Green square, blue circle.")],
      ["s2", "s3"], None, None,
-     [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "text", "text": "with"},
-                                   {"type": "image"}, {"type": "text", "text": "."}]},
+     [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
+                                   {"type": "text", "text": "with"}, {"type": "image"}, {"type": "text", "text": "."}]},
       {"role": "assistant", "content": "Green square, blue circle."}]),
     ("g-tool", [("human", "<image>How much is it?"),
                 ("function_call", json.dumps({"name": "lookup_price", "arguments": {"item": "red circle"}})),
@@ -275,15 +275,31 @@ def test_format_names_reach_the_train_and_eval_options():
         EvalConfig(model="m", data="d", out="o", format="alpaca")
 
 
-def test_cauldron_source_is_the_eval_question_type(cauldron, tiny_checkpoint, tmp_path):
+class AlwaysRed:
+    """An engine stand-in for `n2eye eval`: answers "Red." to everything and keeps what it was asked."""
+
+    processor = None
+
+    def __init__(self) -> None:
+        self.histories: list = []
+
+    def complete_batch(self, histories, **options):
+        self.histories += histories
+        return [{"text": "Red.", "finish_reason": "stop"} for _ in histories]
+
+
+def test_cauldron_source_is_the_eval_question_type(cauldron, tmp_path):
     from n2eye.eval.runner import EvalConfig, evaluate, turn_requests
 
     convs, _ = load(cauldron["saved"], tmp_path)
     assert [r["qtype"] for c in convs for r in turn_requests(c)] == ["vqav2", "vqav2", "nlvr2", "ocrvqa"]
-    result = evaluate(EvalConfig(model=str(tiny_checkpoint), data=str(cauldron["saved"]), out=str(tmp_path / "e.json"),
-                                 max_new_tokens=2))  # fmt: skip
-    assert {name: row["n"] for name, row in result["per_type"].items()} == {"vqav2": 2, "nlvr2": 1, "ocrvqa": 1}
+    engine = AlwaysRed()
+    result = evaluate(EvalConfig(model="unused", data=str(cauldron["saved"]), out=str(tmp_path / "e.json")), engine)
+    assert {name: (row["n"], row["mean_score"]) for name, row in result["per_type"].items()} == {
+        "vqav2": (2, 0.5), "nlvr2": (1, 0.0), "ocrvqa": (1, 0.0)}  # fmt: skip
     assert result["skipped"]["skipped"] == len(CAULDRON_BAD)
+    first = engine.histories[0][0]["content"]  # the images reach the model, before the question
+    assert [item["type"] for item in first] == ["image", "text"] and first[0]["image"].size == IMAGES["s1"].size
 
 
 @pytest.mark.parametrize("layout", ["cauldron", "sharegpt"])

@@ -6,10 +6,10 @@ image items matched in order to `images`; assistant content is a string (plus Op
 Bad rows are skipped with a reason in a `SkipReport`; only a wrong format (checked before any row is
 read) or a dataset whose every row is bad stops a run.
 
-`<image>` in text is an image placeholder only where a format says so: a LLaVA or ShareGPT human turn, and a `messages`
-user turn written as a string in a row whose `images` column holds images (taken in order). Anywhere else it is a control
-token typed into text, and the row is skipped as `control_token` (as the processor does for the other ones); more
-placeholders than images is `image_count_mismatch`, with what to fix.
+`<image>` in text is an image placeholder only where a format says so: a LLaVA or ShareGPT human turn, and a
+`messages` user turn written as a string in a row whose `images` column holds images (taken in order). Anywhere else
+it is a control token typed into text, and the row is skipped as `control_token` (as the processor does for the other
+ones); more placeholders than images is `image_count_mismatch`, with what to fix.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ FORMAT_DESCRIPTIONS = {
     "cragmm": CRAGMM_DESCRIPTION,
     "messages": "messages: a `messages` column in HF chat format (images inline as content items or in an `images` column)",
     "llava": "llava: a `conversations` column of {from: human|gpt, value} turns and an `image` file name",
-    "cauldron": "cauldron: an `images` list and `texts` of {user, assistant, source} turns (HuggingFaceM4/the_cauldron)",
+    "cauldron": "cauldron: an `images` list and `texts` of {user, assistant, source} turns (the_cauldron)",
     "sharegpt": "sharegpt: `conversations` (or `messages`) of {from: human|gpt|system|function_call|observation, "
     "value} turns with an `images` list (and optional `tools`, `system`; LlamaFactory / ms-swift)",
 }
@@ -457,10 +457,11 @@ def cauldron_to_conversation(
         if not isinstance(turn, Mapping):
             raise SkipRow(MALFORMED_ROW, f"texts[{index}] is a {type(turn).__name__}, not a dict")
         user, assistant = turn.get("user"), turn.get("assistant")
-        if not isinstance(user, str) or not user.strip():
-            raise SkipRow(ANSWER_WITHOUT_TURN, f"texts[{index}] has no user text")
-        if assistant is not None and not isinstance(assistant, str):
-            raise SkipRow(MALFORMED_ROW, f"texts[{index}].assistant is a {type(assistant).__name__}")
+        for name, text in (("user", user), ("assistant", assistant)):
+            if text is not None and not isinstance(text, str):
+                raise SkipRow(MALFORMED_ROW, f"texts[{index}].{name} is a {type(text).__name__}, not a string")
+        if not user or not user.strip():
+            raise SkipRow(ANSWER_WITHOUT_TURN, f"texts[{index}] has an answer but no user text")
         content = [{"type": "image"} for _ in images] if index == 0 else []
         messages.append({"role": "user", "content": [*content, {"type": "text", "text": user}]})
         if assistant and assistant.strip():
@@ -478,16 +479,16 @@ def cauldron_to_conversation(
 # ------------------------------------------------------------------------------------------ ShareGPT
 
 
-def _sharegpt_tool_calls(value: Any, index: int) -> list[dict[str, Any]]:
+def _sharegpt_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """A `function_call` turn's value (JSON `{"name", "arguments"}` or a list of them) -> OpenAI `tool_calls`."""
-    calls = _maybe_json(value, f"conversations[{index}] (function_call)")
+    calls = _maybe_json(value, f"{where} (function_call)")
     calls = calls if isinstance(calls, (list, tuple)) else [calls]
     out = []
     for call in calls:
         if not isinstance(call, Mapping) or not isinstance(call.get("name"), str) or not call["name"]:
             raise SkipRow(
                 MALFORMED_ROW,
-                f"conversations[{index}] (function_call) must be JSON {{\"name\": ..., \"arguments\": {{...}}}} "
+                f"{where} (function_call) must be JSON {{\"name\": ..., \"arguments\": {{...}}}} "
                 f"or a list of them, got {str(value)[:120]!r}",
             )
         out.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments") or {}}})
@@ -527,7 +528,8 @@ def sharegpt_to_conversation(
                           "function_call or observation")  # fmt: skip
         value = turn.get("value", turn.get("content"))
         if role == "function_call":
-            messages.append({"role": "assistant", "content": "", "tool_calls": _sharegpt_tool_calls(value, index)})
+            calls = _sharegpt_tool_calls(value, f"{column}[{index}]")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
             continue
         if not isinstance(value, str):
             raise SkipRow(MALFORMED_ROW, f"{column}[{index}] has no string value")
@@ -554,12 +556,21 @@ def sharegpt_to_conversation(
         if not any(m["role"] == "assistant" for m in messages):
             raise SkipRow(NO_ASSISTANT_TURN, "no gpt or function_call turn to learn from")
         if messages[-1]["role"] != "assistant":
-            raise SkipRow(TURN_WITHOUT_ANSWER, f"the last turn ({turns[-1].get('from')}) has no gpt answer after it")
+            last = messages[-1]["role"]
+            raise SkipRow(TURN_WITHOUT_ANSWER, f"the row ends on a {last} turn, with no gpt answer after it")
     conversation = _as_messages_row(
         row, messages, images, image_cache=image_cache, base_dir=base_dir, require_assistant=require_assistant
     )
     conversation["metadata"]["format"] = "sharegpt"
     return conversation
+
+
+# The formats read as chat messages (image paths relative to the data's folder).
+CHAT_ADAPTERS = {
+    "messages": messages_to_conversation,
+    "cauldron": cauldron_to_conversation,
+    "sharegpt": sharegpt_to_conversation,
+}
 
 
 # ------------------------------------------------------------------------------------ running it all
@@ -588,10 +599,8 @@ class ConversationAdapter:
             return cragmm_to_conversation(
                 row, labels=self.labels, image_cache=self.image_cache, base_dir=self.base_dir, eval_resize=self.eval_resize
             )
-        if self.format in ("messages", "cauldron", "sharegpt"):
-            convert = {"messages": messages_to_conversation, "cauldron": cauldron_to_conversation,
-                       "sharegpt": sharegpt_to_conversation}[self.format]  # fmt: skip
-            return convert(
+        if self.format in CHAT_ADAPTERS:
+            return CHAT_ADAPTERS[self.format](
                 row, image_cache=self.image_cache, base_dir=self.base_dir, require_assistant=self.require_assistant
             )
         return llava_to_conversation(
