@@ -1,4 +1,4 @@
-"""Raw rows (CRAG-MM, chat `messages`, LLaVA) -> Conversations for training and evaluation.
+"""Raw rows (CRAG-MM, chat `messages`, LLaVA, The Cauldron, ShareGPT) -> Conversations for training and evaluation.
 
 Exports resolve lazily, so `import n2eye.data.<module>` (e.g. the collator) does not pull in `datasets`.
 """
@@ -15,6 +15,7 @@ _EXPORTS = {
     "FORMATS": "formats",
     "FORMAT_DESCRIPTIONS": "formats",
     "ConversationAdapter": "formats",
+    "cauldron_to_conversation": "formats",
     "check_format": "formats",
     "detect_format": "formats",
     "iter_conversations": "formats",
@@ -23,6 +24,7 @@ _EXPORTS = {
     "make_adapter": "formats",
     "messages_to_conversation": "formats",
     "raw_image_view": "formats",
+    "sharegpt_to_conversation": "formats",
     "NoUsableRowsError": "report",
     "SkipReport": "report",
     "SkipRow": "report",

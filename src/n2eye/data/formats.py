@@ -6,10 +6,10 @@ image items matched in order to `images`; assistant content is a string (plus Op
 Bad rows are skipped with a reason in a `SkipReport`; only a wrong format (checked before any row is
 read) or a dataset whose every row is bad stops a run.
 
-`<image>` in text is an image placeholder only where a format says so: a LLaVA human turn, and a `messages` user
-turn written as a string in a row whose `images` column holds images (taken in order). Anywhere else it is a control
-token typed into text, and the row is skipped as `control_token` (as the processor does for the other ones); more
-placeholders than images is `image_count_mismatch`, with what to fix.
+`<image>` in text is an image placeholder only where a format says so: a LLaVA or ShareGPT human turn, and a
+`messages` user turn written as a string in a row whose `images` column holds images (taken in order). Anywhere else
+it is a control token typed into text, and the row is skipped as `control_token` (as the processor does for the other
+ones); more placeholders than images is `image_count_mismatch`, with what to fix.
 """
 
 from __future__ import annotations
@@ -31,14 +31,17 @@ from n2eye.data.cragmm import (
     CragLabels,
     cragmm_to_conversation,
 )
+from n2eye.data.format_names import FORMATS
 from n2eye.images import ImageCache, image_item_source, resolve_image
 from n2eye.data.report import (
+    ANSWER_WITHOUT_TURN,
     CONTROL_TOKEN,
     EMPTY_TURNS,
     IMAGE_COUNT_MISMATCH,
     IMAGE_MISSING,
     MALFORMED_ROW,
     NO_ASSISTANT_TURN,
+    TURN_WITHOUT_ANSWER,
     UNKNOWN_ROLE,
     SkipReport,
     SkipRow,
@@ -48,19 +51,26 @@ from n2eye.data.sources import column_names, load_source, spec_base_dir
 logger = logging.getLogger(__name__)
 
 Conversation = dict[str, Any]
-FORMATS = ("cragmm", "messages", "llava")
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "cragmm": CRAGMM_REQUIRED_COLUMNS,
     "messages": ("messages",),
     "llava": ("conversations",),
+    "cauldron": ("images", "texts"),
+    "sharegpt": ("conversations",),  # or `messages` holding from/value turns (`TURN_COLUMNS`)
 }
+# The columns a format may hold its turns in, in the order they are looked for.
+TURN_COLUMNS = {"sharegpt": ("conversations", "messages")}
 FORMAT_DESCRIPTIONS = {
     "cragmm": CRAGMM_DESCRIPTION,
     "messages": "messages: a `messages` column in HF chat format (images inline as content items or in an `images` column)",
     "llava": "llava: a `conversations` column of {from: human|gpt, value} turns and an `image` file name",
+    "cauldron": "cauldron: an `images` list and `texts` of {user, assistant, source} turns (the_cauldron)",
+    "sharegpt": "sharegpt: `conversations` (or `messages`) of {from: human|gpt|system|function_call|observation, "
+    "value} turns with an `images` list (and optional `tools`, `system`; LlamaFactory / ms-swift)",
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+SHAREGPT_ROLES = {**LLAVA_ROLES, "function_call": "function_call", "observation": "tool", "tool": "tool"}
 IMAGE_TOKEN = "<image>"
 
 
@@ -68,29 +78,50 @@ def describe_formats() -> str:
     return "; ".join(FORMAT_DESCRIPTIONS[name] for name in FORMATS)
 
 
-def detect_format(columns: Iterable[str]) -> str:
-    """The format whose required columns are all present; a clear ValueError when none is."""
+def _has_columns(name: str, found: list[str]) -> bool:
+    required = REQUIRED_COLUMNS[name]
+    if name in TURN_COLUMNS:  # any one of the turn columns will do
+        required = tuple(c for c in required if c not in TURN_COLUMNS[name])
+        return all(c in found for c in required) and any(c in found for c in TURN_COLUMNS[name])
+    return all(c in found for c in required)
+
+
+def detect_format(columns: Iterable[str], message_keys: Iterable[str] | None = None) -> str:
+    """The format the columns name; a clear ValueError when none does.
+
+    `conversations` is ShareGPT when an `images` (plural) or `tools` column is beside it and no `image`, else LLaVA
+    (as before). `message_keys`, the keys of a `messages` turn, tell chat role/content from ShareGPT from/value
+    there, which the column names cannot.
+    """
     found = list(columns)
-    for name in FORMATS:
-        if all(column in found for column in REQUIRED_COLUMNS[name]):
-            return name
+    if _has_columns("cragmm", found):
+        return "cragmm"
+    if "messages" in found:
+        keys = set(message_keys or ())
+        return "sharegpt" if {"from", "value"} & keys and not {"role", "content"} & keys else "messages"
+    if "conversations" in found:
+        return "sharegpt" if ("images" in found or "tools" in found) and "image" not in found else "llava"
+    if _has_columns("cauldron", found):
+        return "cauldron"
     raise ValueError(
         f"Could not detect the data format: found columns {', '.join(found) or '(none)'}. "
         f"Expected one of: {describe_formats()}. Pass --format to choose one, or rename the columns."
     )
 
 
-def check_format(format: str, columns: Iterable[str]) -> str:
+def check_format(format: str, columns: Iterable[str], message_keys: Iterable[str] | None = None) -> str:
     """Resolves "auto" and checks an explicit format's columns, before any row is converted."""
     found = list(columns)
     if format == "auto":
-        return detect_format(found)
+        return detect_format(found, message_keys)
     if format not in FORMATS:
         raise ValueError(f"Unknown format {format!r}; use auto, {', '.join(FORMATS)}.")
-    missing = [c for c in REQUIRED_COLUMNS[format] if c not in found]
-    if missing:
+    if not _has_columns(format, found):
+        needed = [c for c in REQUIRED_COLUMNS[format] if c not in found]
+        if format in TURN_COLUMNS:
+            needed = [c for c in needed if c not in TURN_COLUMNS[format]] + [" or ".join(TURN_COLUMNS[format])]
         raise ValueError(
-            f"Format {format!r} needs column(s) {', '.join(missing)}, found columns {', '.join(found) or '(none)'}. "
+            f"Format {format!r} needs column(s) {', '.join(needed)}, found columns {', '.join(found) or '(none)'}. "
             f"Expected {FORMAT_DESCRIPTIONS[format]}."
         )
     return format
@@ -387,6 +418,161 @@ def llava_to_conversation(
     return conversation
 
 
+# ------------------------------------------------------------------------------------------ Cauldron
+
+
+def _turn_list(row: Mapping[str, Any], column: str) -> list[Any]:
+    turns = _maybe_json(row.get(column), column)
+    if turns is None or (isinstance(turns, (list, tuple)) and len(turns) == 0):
+        raise SkipRow(EMPTY_TURNS, f"no {column}")
+    if not isinstance(turns, (list, tuple)):
+        raise SkipRow(MALFORMED_ROW, f"{column} is a {type(turns).__name__}, expected a list")
+    return list(turns)
+
+
+def _as_messages_row(row: Mapping[str, Any], messages: list[dict[str, Any]], images: list[Any], **kwargs: Any):
+    """Converts rebuilt chat messages through the `messages` adapter, so every format checks images, control tokens
+    and tool calls the same way and gives the same Conversation."""
+    rebuilt = {"messages": messages, "images": images, "id": row.get("id"), "tools": row.get("tools")}
+    return messages_to_conversation(rebuilt, **kwargs)
+
+
+def cauldron_to_conversation(
+    row: Mapping[str, Any],
+    *,
+    image_cache: ImageCache | None = None,
+    base_dir: str | os.PathLike | None = None,
+    require_assistant: bool = True,
+) -> Conversation:
+    """A Cauldron row (`images` + `texts` of {user, assistant, source}) -> Conversation.
+
+    Every image goes before the first user text (as the Idefics2 recipe that made the set puts them); each turn's
+    `source` (the sub-dataset) becomes its question type (`metadata["qtypes"]`), so `n2eye eval` scores per source.
+    """
+    turns = _turn_list(row, "texts")
+    images = _as_list(row.get("images"))
+    messages: list[dict[str, Any]] = []
+    sources: list[str] = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise SkipRow(MALFORMED_ROW, f"texts[{index}] is a {type(turn).__name__}, not a dict")
+        user, assistant = turn.get("user"), turn.get("assistant")
+        for name, text in (("user", user), ("assistant", assistant)):
+            if text is not None and not isinstance(text, str):
+                raise SkipRow(MALFORMED_ROW, f"texts[{index}].{name} is a {type(text).__name__}, not a string")
+        if not user or not user.strip():
+            raise SkipRow(ANSWER_WITHOUT_TURN, f"texts[{index}] has an answer but no user text")
+        content = [{"type": "image"} for _ in images] if index == 0 else []
+        messages.append({"role": "user", "content": [*content, {"type": "text", "text": user}]})
+        if assistant and assistant.strip():
+            messages.append({"role": "assistant", "content": assistant})
+        elif require_assistant or index < len(turns) - 1:
+            raise SkipRow(TURN_WITHOUT_ANSWER, f"texts[{index}] has no assistant answer")
+        sources.append(str(turn.get("source") or "all"))
+    conversation = _as_messages_row(
+        row, messages, images, image_cache=image_cache, base_dir=base_dir, require_assistant=require_assistant
+    )
+    conversation["metadata"].update(format="cauldron", source=sources[0], qtypes=sources)
+    return conversation
+
+
+# ------------------------------------------------------------------------------------------ ShareGPT
+
+
+def _sharegpt_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """A `function_call` turn's value (JSON `{"name", "arguments"}` or a list of them) -> OpenAI `tool_calls`."""
+    calls = _maybe_json(value, f"{where} (function_call)")
+    calls = calls if isinstance(calls, (list, tuple)) else [calls]
+    out = []
+    for call in calls:
+        if not isinstance(call, Mapping) or not isinstance(call.get("name"), str) or not call["name"]:
+            raise SkipRow(
+                MALFORMED_ROW,
+                f"{where} (function_call) must be JSON {{\"name\": ..., \"arguments\": {{...}}}} "
+                f"or a list of them, got {str(value)[:120]!r}",
+            )
+        out.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments") or {}}})
+    return out
+
+
+def sharegpt_to_conversation(
+    row: Mapping[str, Any],
+    *,
+    image_cache: ImageCache | None = None,
+    base_dir: str | os.PathLike | None = None,
+    require_assistant: bool = True,
+) -> Conversation:
+    """A ShareGPT row (LlamaFactory / ms-swift: `conversations` or `messages` of from/value turns, `images`, optional
+    `tools` and `system`) -> Conversation.
+
+    Each `<image>` in a human turn takes the next image of `images`; a row with images and no `<image>` at all gets
+    them at the start of its first human turn (as ms-swift and LLaVA do), any other count is `image_count_mismatch`.
+    `function_call` turns become assistant tool calls, `observation` turns tool responses. A row must end on an
+    answer (LlamaFactory drops the unanswered last turn; here the row is skipped and counted).
+    """
+    column = next((c for c in TURN_COLUMNS["sharegpt"] if row.get(c) is not None), "conversations")
+    turns = _turn_list(row, column)
+    images = _as_list(row.get("images"))
+    messages: list[dict[str, Any]] = []
+    system = row.get("system")
+    if isinstance(system, str) and system:
+        messages.append({"role": "system", "content": system})
+    markers = 0
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, Mapping):
+            raise SkipRow(MALFORMED_ROW, f"{column}[{index}] is a {type(turn).__name__}, not a dict")
+        speaker = turn.get("from", turn.get("role"))
+        role = SHAREGPT_ROLES.get(str(speaker).lower()) if speaker is not None else None
+        if role is None:
+            raise SkipRow(UNKNOWN_ROLE, f"{column}[{index}] is from {speaker!r}; expected human, gpt, system, "
+                          "function_call or observation")  # fmt: skip
+        value = turn.get("value", turn.get("content"))
+        if role == "function_call":
+            calls = _sharegpt_tool_calls(value, f"{column}[{index}]")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        if not isinstance(value, str):
+            raise SkipRow(MALFORMED_ROW, f"{column}[{index}] has no string value")
+        if role == "user":
+            markers += value.count(IMAGE_TOKEN)
+        else:
+            _check_no_image_token(value, f"{column}[{index}].value", f"a {speaker} turn; only human turns hold "
+                                  "image placeholders")  # fmt: skip
+        if role == "assistant" and not value.strip():
+            raise SkipRow(TURN_WITHOUT_ANSWER, f"{column}[{index}] (gpt) is empty")
+        messages.append({"role": role, "content": value})
+    if markers == 0 and images:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise SkipRow(MALFORMED_ROW, "images but no human turn to put them in")
+        first_user["content"] = IMAGE_TOKEN * len(images) + "\n" + first_user["content"]
+    elif markers != len(images):
+        raise SkipRow(
+            IMAGE_COUNT_MISMATCH,
+            f"{markers} '<image>' marker(s) in the human turns for {len(images)} image(s) in `images`: each "
+            "'<image>' takes the next image, so the counts must match. Add or remove '<image>' markers or images.",
+        )
+    if require_assistant:
+        if not any(m["role"] == "assistant" for m in messages):
+            raise SkipRow(NO_ASSISTANT_TURN, "no gpt or function_call turn to learn from")
+        if messages[-1]["role"] != "assistant":
+            last = messages[-1]["role"]
+            raise SkipRow(TURN_WITHOUT_ANSWER, f"the row ends on a {last} turn, with no gpt answer after it")
+    conversation = _as_messages_row(
+        row, messages, images, image_cache=image_cache, base_dir=base_dir, require_assistant=require_assistant
+    )
+    conversation["metadata"]["format"] = "sharegpt"
+    return conversation
+
+
+# The formats read as chat messages (image paths relative to the data's folder).
+CHAT_ADAPTERS = {
+    "messages": messages_to_conversation,
+    "cauldron": cauldron_to_conversation,
+    "sharegpt": sharegpt_to_conversation,
+}
+
+
 # ------------------------------------------------------------------------------------ running it all
 
 
@@ -413,8 +599,8 @@ class ConversationAdapter:
             return cragmm_to_conversation(
                 row, labels=self.labels, image_cache=self.image_cache, base_dir=self.base_dir, eval_resize=self.eval_resize
             )
-        if self.format == "messages":
-            return messages_to_conversation(
+        if self.format in CHAT_ADAPTERS:
+            return CHAT_ADAPTERS[self.format](
                 row, image_cache=self.image_cache, base_dir=self.base_dir, require_assistant=self.require_assistant
             )
         return llava_to_conversation(
@@ -436,6 +622,27 @@ def _dataset_columns(dataset: Any) -> list[str]:
     return list(first) if isinstance(first, Mapping) else []
 
 
+def _message_keys(dataset: Any) -> list[str]:
+    """The keys of the first turn in a `messages` column: role/content is chat, from/value ShareGPT, and only the
+    data tells. Read from the features when they describe the turns (no row read); otherwise from the first row of
+    that one column (a JSON-text column, a list of dicts, or a stream without features)."""
+    features = getattr(dataset, "features", None)
+    if features and "messages" in features:
+        inner = getattr(features["messages"], "feature", features["messages"])  # List(...) -> its item
+        if isinstance(inner, Mapping):
+            return list(inner)
+    try:
+        if isinstance(dataset, (list, tuple)):
+            first = dataset[0] if dataset else None
+        else:
+            first = next(iter(dataset.select_columns(["messages"])), None)
+        turns = _maybe_json(first.get("messages"), "messages") if isinstance(first, Mapping) else None
+    except SkipRow:
+        return []
+    turn = turns[0] if isinstance(turns, (list, tuple)) and turns else None
+    return list(turn) if isinstance(turn, Mapping) else []
+
+
 def make_adapter(
     dataset: Any,
     format: str = "auto",
@@ -449,7 +656,9 @@ def make_adapter(
     """Checks the format against the dataset's columns (ValueError if unknown) and builds its adapter."""
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         raise ValueError(f"Got a DatasetDict with splits {', '.join(dataset)}; pass one split (e.g. dataset['validation']).")
-    resolved = check_format(format, _dataset_columns(dataset))
+    columns = _dataset_columns(dataset)
+    message_keys = _message_keys(dataset) if format == "auto" and "messages" in columns else None
+    resolved = check_format(format, columns, message_keys)
     return ConversationAdapter(
         format=resolved,
         labels=CragLabels.from_features(getattr(dataset, "features", None)),

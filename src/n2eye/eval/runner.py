@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ..data.collate import fill_images
+from ..data.format_names import FORMATS
 from ..image_settings import ImageOptions, checked_image_settings
 from .scoring import aggregate, format_table, score_turn
 
@@ -33,7 +34,7 @@ class EvalConfig(ImageOptions):
     out: str
     """Result JSON: per-type scores, overall, and every prediction."""
     format: str = "auto"
-    """Data format: auto, cragmm, messages or llava."""
+    """Data format: auto, cragmm, messages, llava, cauldron or sharegpt."""
     batch_size: int = 16
     """Turns generated together."""
     max_new_tokens: int = 256
@@ -85,6 +86,8 @@ class EvalConfig(ImageOptions):
 
     def __post_init__(self) -> None:
         """Refuses option combinations that would silently be ignored."""
+        if self.format not in ("auto", *FORMATS):
+            raise ValueError(f"--format must be one of auto, {', '.join(FORMATS)}; got {self.format!r}.")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown --protocol {self.protocol!r}; choose one of: {', '.join(PROTOCOLS)}.")
         crag_only = {"judge_url": self.judge_url, "judge_model": self.judge_model,
@@ -129,7 +132,7 @@ class EvalConfig(ImageOptions):
 
 def question_type(conversation: dict, turn_index: int) -> str:
     """The question type of the `turn_index`-th user turn, from the dataset's metadata (CRAG-MM per-turn labels,
-    or a `qtypes` list / `qtype` in a messages row's metadata)."""
+    a `qtypes` list / `qtype` in a messages row's metadata, or the Cauldron's per-turn `source` as `qtypes`)."""
     meta = conversation.get("metadata") or {}
     turns = meta.get("turns")
     if isinstance(turns, list) and turn_index < len(turns):

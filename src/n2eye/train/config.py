@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..data.abstention import Abstention
+from ..data.format_names import FORMATS
 from ..image_settings import ImageOptions
 
 TRAIN_MODES = ("projector", "full", "lora")
@@ -101,7 +102,7 @@ class TrainConfig(ImageOptions):
     out: str = ta_field("output_dir")
     """Run folder: checkpoints, metrics.jsonl, loss curve, skip report, final model in out/final."""
     format: str = "auto"
-    """Data format: auto, cragmm, messages or llava."""
+    """Data format: auto, cragmm, messages, llava, cauldron or sharegpt."""
     eval_data: str | None = None
     """Held-out SPEC; its loss is logged every --eval-every steps."""
     epochs: float = ta_field("num_train_epochs", default=1.0)
@@ -186,8 +187,8 @@ class TrainConfig(ImageOptions):
         self.trainer_args = parse_trainer_args(self.trainer_args)
         if self.train not in TRAIN_MODES:
             raise ValueError(f"--train must be one of {list(TRAIN_MODES)}, got {self.train!r}.")
-        if self.format not in ("auto", "cragmm", "messages", "llava"):
-            raise ValueError(f"--format must be auto, cragmm, messages or llava, got {self.format!r}.")
+        if self.format not in ("auto", *FORMATS):
+            raise ValueError(f"--format must be one of auto, {', '.join(FORMATS)}; got {self.format!r}.")
         for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
