@@ -205,7 +205,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     if cfg.protocol == "crag-mm":
         from .crag_runner import run_crag
 
-        return run_crag(cfg, engine, image_settings, out)
+        return recorded(cfg, run_crag(cfg, engine, image_settings, out), out)
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
@@ -253,4 +253,14 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
         print(f"warning: {cut} of {len(records)} answers were cut at --max-new-tokens {cfg.max_new_tokens} (scored as "
               "written, usually 0); raise --max-new-tokens if the references are longer")
     print(f"results: {out}")
+    return recorded(cfg, result, out)
+
+
+def recorded(cfg: EvalConfig, result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Keeps the result as the checkpoint folder's latest eval and re-renders its model card (`model_card`); a GGUF
+    run measured the export, not the folder, so it is not recorded there. Never fails the eval."""
+    if not cfg.gguf:
+        from ..model_card import record_eval
+
+        record_eval(cfg.model, result, out)
     return result
