@@ -74,7 +74,7 @@ def test_a_trained_card_has_the_runs_figures(trained):
         assert f"{reason} {n}" in text
     assert f"training rows: {result['train_rows']}" in text and f"Conversations read: {result['train_conversations']}" in text
     config = result["config"]
-    assert row(text, "learning rate") == [f"{config['lr']:.4f}"]
+    assert row(text, "learning rate") == [f"{config['lr']:g}"] and row(text, "epochs") == [f"{config['epochs']:g}"]
     assert row(text, "batch size (per device)") == [str(config["batch_size"])]
     assert row(text, "gradient accumulation") == [str(config["grad_accum"])]
     assert row(text, "max length (tokens)") == [f"{config['max_length']:,}"]
@@ -88,18 +88,23 @@ def test_eval_records_its_result_in_the_checkpoint_and_rerenders_the_card(traine
 
     before = (trained / "README.md").read_text()
     assert "No evaluation recorded" in before
-    out = tmp_path / "result.json"
-    assert main(["eval", "--model", str(trained), "--data", str(EXAMPLES), "--out", str(out), "--max-new-tokens", "4"]) == 0
-    result = json.loads(out.read_text())
-    record = json.loads((trained / "n2eye_eval.json").read_text())
-    assert record["overall"] == result["overall"] and record["per_type"] == result["per_type"]
-    assert record["n"] == result["n"] == 16 and "predictions" not in record
-    assert record["result_file"] == str(out.resolve()) and record["config"]["data"] == str(EXAMPLES)
+    results = {}
+    for kind, flags in (("exact", []), ("exact+blank-images", ["--blank-images"])):  # the demo's pair of evals
+        out = tmp_path / f"{kind}.json"
+        argv = ["eval", "--model", str(trained), "--data", str(EXAMPLES), "--out", str(out), "--max-new-tokens", "4"]
+        assert main([*argv, *flags]) == 0
+        results[kind] = result = json.loads(out.read_text())
+        record = json.loads((trained / "n2eye_eval.json").read_text())["evals"][kind]
+        assert record["overall"] == result["overall"] and record["per_type"] == result["per_type"]
+        assert record["n"] == result["n"] == 16 and "predictions" not in record
+        assert record["result_file"] == str(out.resolve()) and record["config"]["data"] == str(EXAMPLES)
     text = load_card(trained).text
-    assert f"Exact match: overall {result['overall']:.4f}" in text and f"macro {result['macro']:.4f}" in text
-    for qtype, stats in result["per_type"].items():
-        assert row(text, qtype) == [str(stats["n"]), f"{stats['mean_score']:.4f}"]
-    assert set(result["per_type"]) == {"colour", "shape"}
+    real, blank = text.split("### Exact match (blank images)")  # the plain eval first, the baseline kept too
+    for part, result in ((real, results["exact"]), (blank, results["exact+blank-images"])):
+        assert f"Exact match: overall {result['overall']:.4f}" in part and f"macro {result['macro']:.4f}" in part
+        for qtype, stats in result["per_type"].items():
+            assert row(part, qtype) == [str(stats["n"]), f"{stats['mean_score']:.4f}"]
+        assert set(result["per_type"]) == {"colour", "shape"}
     assert row(text, "steps") == [str(json.loads((trained / "n2eye_train.json").read_text())["global_step"])]
 
 
@@ -130,7 +135,9 @@ def test_a_crag_mm_result_is_recorded_with_its_truthfulness(tiny_checkpoint, tmp
     assert row(text, "overall")[6] == f"{overall['truthfulness']:.4f}"
     for domain, metrics in result["per_domain"].items():
         assert row(text, domain)[6] == f"{metrics['truthfulness']:.4f}"
-    assert "hallucinations are an upper bound" in text and "turns" not in json.loads((folder / "n2eye_eval.json").read_text())
+    record = json.loads((folder / "n2eye_eval.json").read_text())["evals"]["crag-mm"]
+    assert record["overall"] == overall and "turns" not in record
+    assert "hallucinations are an upper bound" in text and "no LLM judge" in text
 
 
 def test_a_readme_n2eye_did_not_write_is_left_alone(tiny_checkpoint, tmp_path, capsys):
@@ -141,7 +148,7 @@ def test_a_readme_n2eye_did_not_write_is_left_alone(tiny_checkpoint, tmp_path, c
     result = {"per_type": {"all": {"n": 1, "mean_score": 1.0}}, "overall": 1.0, "macro": 1.0, "n": 1}
     record_eval(folder, result, tmp_path / "r.json")
     assert (folder / "README.md").read_text() == "# My notes\n"  # no marker: someone else's
-    assert json.loads((folder / "n2eye_eval.json").read_text())["overall"] == 1.0  # the record is still kept
+    assert json.loads((folder / "n2eye_eval.json").read_text())["evals"]["exact"]["overall"] == 1.0  # still kept
     assert "not written by N2-Eye" in capsys.readouterr().out
     (folder / "README.md").write_text(f"old card\n{MARKER}\n")  # N2-Eye's own (older) card is rewritten
     record_eval(folder, result, tmp_path / "r.json")
@@ -225,3 +232,16 @@ def test_hub_sources_give_base_models_license_and_datasets(tiny_checkpoint, tmp_
     (folder / "README.md").write_text(render_card(folder))
     data = load_card(folder).data
     assert data.base_model is None and data.license is None
+
+
+def test_a_gguf_export_has_a_card_with_its_files_and_llamacpp_usage(tiny_checkpoint, tmp_path):
+    pytest.importorskip("gguf")
+    from n2eye.convert import ConvertConfig, convert
+
+    out, report = convert(ConvertConfig(model=str(tiny_checkpoint), to="gguf", out=str(tmp_path / "gguf"), quant="q8_0"))
+    card = load_card(out)
+    assert card.data.library_name == "gguf"
+    lm = report["language_model"]
+    assert row(card.text, "language model") == [lm["file"], str(lm["tensors"]), ", ".join(lm["types"])]
+    assert f"llama-cli -m {out}/{lm['file']}" in card.text and report["mmproj_skipped"] in card.text
+    assert (out / "n2eye_build.json").read_text() == (tiny_checkpoint / "n2eye_build.json").read_text()

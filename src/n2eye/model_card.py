@@ -113,7 +113,7 @@ def record_training(folder: str | Path, summary: Mapping[str, Any], base: str | 
 
 
 # ---- evaluation record -----------------------------------------------------------------------------------------------
-_EVAL_CONFIG_KEYS = ("data", "format", "protocol", "blank_images", "quantize", "max_new_tokens", "max_samples",
+_EVAL_CONFIG_KEYS = ("data", "format", "protocol", "blank_images", "quantize", "gguf", "max_new_tokens", "max_samples",
                      "max_image_tokens", "min_image_tokens", "image_splitting")  # fmt: skip
 
 
@@ -128,16 +128,29 @@ def eval_record(result: Mapping[str, Any], out_path: str | Path | None) -> dict[
     return record
 
 
+def eval_kind(record: Mapping[str, Any]) -> str:
+    """Which evaluation a record is (`exact`, `crag-mm`, each optionally `+blank-images`, `+int8`, `+gguf`): one
+    latest result is kept per kind, so a blank-image baseline run after the real eval (as `n2eye demo` does) does
+    not hide it."""
+    cfg = record.get("config") or {}
+    qualifiers = ["blank-images" if cfg.get("blank_images") else "", cfg.get("quantize") or "", "gguf" if cfg.get("gguf") else ""]
+    return "+".join([str(record.get("protocol") or "exact"), *[q for q in qualifiers if q]])
+
+
 def record_eval(model_dir: str | Path, result: Mapping[str, Any], out_path: str | Path | None = None) -> Path | None:
-    """Keeps the latest `n2eye eval` result of a local checkpoint folder (`n2eye_eval.json`) and re-renders its
-    card; returns the record's path. A hub id, or a folder that can't be written, is skipped with a warning: the
-    eval itself already succeeded and its result file is written."""
+    """Keeps an `n2eye eval` result in the evaluated local folder (`n2eye_eval.json`: the latest of each
+    `eval_kind`) and re-renders its card; returns the record's path. This is the hook for every eval protocol
+    (`eval.runner.evaluate` calls it for exact match and crag-mm). A hub id is skipped; a folder that can't be
+    written gets a warning, never an error: the eval itself succeeded and its result file is written."""
     folder = Path(model_dir).expanduser()
     if not folder.is_dir():
         return None  # a hub id: nothing local to describe
     path = folder / EVAL_RECORD
+    record = eval_record(result, out_path)
+    evals = (read_json(path) or {}).get("evals")
+    evals = {**(evals if isinstance(evals, dict) else {}), eval_kind(record): record}
     try:
-        write_json_atomic(path, eval_record(result, out_path))
+        write_json_atomic(path, {"evals": evals})
         write_card(folder)
     except OSError as err:
         print(f"warning: could not record this eval in {folder} ({err}); its result is in {out_path}")
@@ -189,6 +202,17 @@ def license_of(sources: list[str]) -> tuple[str | None, str | None]:
     return found[0] if len(set(found)) == 1 else (None, None)
 
 
+def folder_kind(records: Mapping[str, Mapping[str, Any]]) -> str:
+    """What loads this folder: `n2eye` (remote code), `lfm2_vl` (native transformers), `gguf` (llama.cpp) or
+    `adapter` (PEFT LoRA)."""
+    if (records.get(CONVERT_RECORD) or {}).get("to") == "gguf":
+        return "gguf"
+    model_type = (records.get("config.json") or {}).get("model_type")
+    if model_type in ("n2eye", "lfm2_vl"):
+        return model_type
+    return "adapter" if "adapter_config.json" in records else "n2eye"
+
+
 def card_data(records: Mapping[str, Mapping[str, Any]]):
     """Hub metadata (`huggingface_hub.ModelCardData`): library, task, base models, data sets, license, tags."""
     from huggingface_hub import ModelCardData
@@ -196,11 +220,10 @@ def card_data(records: Mapping[str, Mapping[str, Any]]):
     trained = [base for base in base_models(records) if not base["random"]]
     hub_sources = [base["source"] for base in trained if is_hub_id(base["source"])]
     license_, license_name = license_of([base["source"] for base in trained])
-    adapter = "adapter_config.json" in records and "config.json" not in records
     datasets = (records.get(TRAIN_RECORD) or {}).get("hub_datasets") or None
     kwargs = {"license_name": license_name} if license_name else {}
     return ModelCardData(
-        library_name="peft" if adapter else "transformers",
+        library_name={"adapter": "peft", "gguf": "gguf"}.get(folder_kind(records), "transformers"),
         pipeline_tag="image-text-to-text",
         base_model=hub_sources or None,
         datasets=datasets,
@@ -222,6 +245,11 @@ def number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return str(value)
+
+
+def setting(value: Any) -> Any:
+    """A recipe value as it was given (2e-05, 1, 0.05), not as a measured figure."""
+    return f"{value:g}" if isinstance(value, float) else value
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
@@ -282,20 +310,35 @@ def section_details(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> s
     for base in base_models(records):
         note = " (shapes only: weights randomly initialised)" if base["random"] else ""
         lines.append(f"- Base {base['role']}: `{base['source']}`{note}")
-    config = records.get("config.json") or {}
-    kind = {"n2eye": "N2-Eye (loads with `trust_remote_code=True`)",
-            "lfm2_vl": "transformers Lfm2Vl (native, no remote code)"}.get(config.get("model_type"), "LoRA adapter")  # fmt: skip
-    lines.append(f"- Format: {kind}")
+    kind = folder_kind(records)
+    convert = records.get(CONVERT_RECORD) or {}
+    formats = {"n2eye": "N2-Eye (loads with `trust_remote_code=True`)", "adapter": "LoRA adapter (PEFT)",
+               "lfm2_vl": "transformers Lfm2Vl (native, no remote code)",
+               "gguf": f"GGUF for llama.cpp ({convert.get('quant')} language model weights)"}  # fmt: skip
+    lines.append(f"- Format: {formats[kind]}")
     lines.append("- Model type: image-text-to-text (multimodal conversational)")
     license_, license_name = license_of([b["source"] for b in base_models(records) if not b["random"]])
     lines.append(f"- License: {license_name or license_ or 'not known from the sources; check each base model'}")
     made = how_made(records)
     if made:
         lines += ["- Made by:", *[f"  {n}. {line}" for n, line in enumerate(made, 1)]]
+    if kind == "gguf":
+        return "\n".join([*lines, *gguf_files(convert)])
     counts = parameter_counts(folder)
     if counts:
         lines += ["", table(["part", "parameters"], [[part, n] for part, n in counts.items() if n or part == "total"])]
     return "\n".join(lines)
+
+
+def gguf_files(report: Mapping[str, Any]) -> list[str]:
+    """The GGUF files of an export and what is in them (from its `n2eye_convert.json`)."""
+    rows = [[part.replace("_", " "), info.get("file"), info.get("tensors"), ", ".join(info.get("types") or [])]
+            for part in ("language_model", "mmproj") if isinstance(info := report.get(part), Mapping)]  # fmt: skip
+    lines = ["", table(["part", "file", "tensors", "types"], rows), "",
+             f"Language model parameters: {number(report.get('parameters'))}."]  # fmt: skip
+    if report.get("mmproj_skipped"):
+        lines += ["", f"No vision projector file (mmproj): {report['mmproj_skipped']}"]
+    return lines
 
 
 def section_architecture(config: Mapping[str, Any]) -> str:
@@ -355,7 +398,7 @@ def section_training(records: Mapping[str, Mapping[str, Any]]) -> str:
     if cfg.get("eval_data"):
         lines += [f"- Held-out data: `{cfg['eval_data']}`", _skip_line(train.get("eval_skipped"), "Held-out rows")]
     bf16 = "bfloat16 mixed precision" if cfg.get("bf16") else "float32"
-    recipe = [
+    recipe = [[name, setting(value)] for name, value in [
         ["mode", f"{cfg.get('train')}" + (" + vision tower" if cfg.get("train_vision") else "")],
         ["learning rate", cfg.get("lr")], ["vision learning rate", cfg.get("vision_lr") if cfg.get("train_vision") else None],
         ["schedule", f"{cfg.get('lr_schedule')}, warmup ratio {cfg.get('warmup_ratio')}"],
@@ -365,7 +408,7 @@ def section_training(records: Mapping[str, Mapping[str, Any]]) -> str:
         ["max length (tokens)", cfg.get("max_length")], ["precision", bf16],
         ["gradient checkpointing", cfg.get("gradient_checkpointing")], ["packing", cfg.get("pack")],
         ["last turn only", cfg.get("last_turn_only")], ["seed", cfg.get("seed")],
-    ]  # fmt: skip
+    ]]  # fmt: skip
     if cfg.get("train") == "lora":
         recipe.append(["LoRA r / alpha / dropout", f"{cfg.get('lora_r')} / {cfg.get('lora_alpha')} / {cfg.get('lora_dropout')}"])
     trainable = train.get("trainable_parameters") or {}
@@ -383,7 +426,7 @@ def _exact_eval(record: Mapping[str, Any]) -> list[str]:
     rows = [[qtype, s.get("n"), s.get("mean_score"), *[s.get(e) for e in used]] for qtype, s in per_type.items()]
     return [f"Exact match: overall {number(record.get('overall'))} (every turn equal), macro "
             f"{number(record.get('macro'))} (every question type equal), {number(record.get('n'))} turns; "
-            f"{number(record.get('cut_at_max_new_tokens'))} answers cut at max new tokens.", "",
+            f"answers cut at --max-new-tokens: {number(record.get('cut_at_max_new_tokens'))}.", "",
             table(["question type", "n", "score", *used], rows)]  # fmt: skip
 
 
@@ -408,29 +451,44 @@ def _crag_eval(record: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def recorded_evals(records: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The kept eval results, plain ones first (then blank-image baselines, quantized, GGUF)."""
+    evals = (records.get(EVAL_RECORD) or {}).get("evals")
+    if not isinstance(evals, dict):
+        return []
+    return [evals[kind] for kind in sorted(evals, key=lambda k: (k.count("+"), k)) if isinstance(evals[kind], dict)]
+
+
 def section_evaluation(records: Mapping[str, Mapping[str, Any]]) -> str:
-    """The latest `n2eye eval` of this folder (`n2eye_eval.json`)."""
-    record = records.get(EVAL_RECORD)
+    """The latest `n2eye eval` of each kind on this folder (`n2eye_eval.json`)."""
     lines = ["## Evaluation", ""]
-    if record is None:
+    evals = recorded_evals(records)
+    if not evals:
         lines.append("No evaluation recorded for this folder yet; `n2eye eval --model THIS_FOLDER --data HELD_OUT "
                      "--out result.json` records its result here.")  # fmt: skip
-        return "\n".join(lines)
-    cfg = record.get("config") or {}
-    flags = [f for f, on in (("blank images", cfg.get("blank_images")), (f"{cfg.get('quantize')} weights", cfg.get("quantize"))) if on]
-    lines += [f"Latest `n2eye eval` ({record.get('recorded_at')}) on `{cfg.get('data')}`"
-              + (f", with {', '.join(flags)}" if flags else "") + f"; full result: `{record.get('result_file')}`.", ""]  # fmt: skip
-    lines += _crag_eval(record) if record.get("protocol") == "crag-mm" else _exact_eval(record)
-    skipped = record.get("skipped")
-    if skipped and skipped.get("skipped"):
-        lines += ["", _skip_line(skipped, "Held-out rows")]
-    return "\n".join(lines)
+    for record in evals:
+        cfg = record.get("config") or {}
+        title = "CRAG-MM" if record.get("protocol") == "crag-mm" else "Exact match"
+        flags = [flag for flag, on in (("blank images", cfg.get("blank_images")), (f"{cfg.get('quantize')} weights",
+                 cfg.get("quantize")), ("through llama.cpp", cfg.get("gguf"))) if on]  # fmt: skip
+        lines += [f"### {title}" + (f" ({', '.join(flags)})" if flags else ""), "",
+                  f"Latest `n2eye eval` ({record.get('recorded_at')}) on `{cfg.get('data')}`; full result: "
+                  f"`{record.get('result_file')}`.", ""]  # fmt: skip
+        lines += _crag_eval(record) if record.get("protocol") == "crag-mm" else _exact_eval(record)
+        skipped = record.get("skipped")
+        if skipped and skipped.get("skipped"):
+            lines += ["", _skip_line(skipped, "Held-out rows")]
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def section_usage(model_id: str, records: Mapping[str, Mapping[str, Any]]) -> str:
     """How to load it: transformers (with the N2-Eye remote code, natively for an Lfm2Vl export) and the CLI."""
+    kind = folder_kind(records)
+    if kind == "gguf":
+        return gguf_usage(model_id, records.get(CONVERT_RECORD) or {})
     config = records.get("config.json") or {}
-    if not config:  # a LoRA adapter
+    if kind == "adapter":
         return "\n".join(["## Usage", "", "A LoRA adapter: merge it into its base model first, then use the merged "
                           "folder.", "", "```bash", f"n2eye merge --adapter {model_id} --out merged", "```"])  # fmt: skip
     native = config.get("model_type") == "lfm2_vl"
@@ -458,6 +516,22 @@ print(processor.decode(outputs[0][inputs["input_ids"].shape[-1]:], skip_special_
     return "\n".join(["## Usage", "", snippet, "", "With the `n2eye` command line:" if not native else "Served:", "", *cli])
 
 
+def gguf_usage(model_id: str, report: Mapping[str, Any]) -> str:
+    """llama.cpp's commands for an export, as `n2eye convert` prints them, and `n2eye eval --gguf`."""
+    lm = f"{model_id}/{(report.get('language_model') or {}).get('file')}"
+    mmproj = report.get("mmproj")
+    if isinstance(mmproj, Mapping):
+        tokens = mmproj.get("image_tokens")
+        fixed = f" --image-min-tokens {tokens} --image-max-tokens {tokens}" if tokens else ""
+        run = f'llama-mtmd-cli -m {lm} --mmproj {model_id}/{mmproj.get("file")}{fixed} --image photo.jpg -p "What is in this picture?"'
+    else:
+        run = f"llama-cli -m {lm}   # text only: no mmproj for this shape"
+    source = report.get("converted_from")
+    return "\n".join(["## Usage", "", "```bash", run,
+                      f"n2eye eval --gguf {model_id} --model {source} --data HELD_OUT --out result.json   # records its result here",
+                      "```"])  # fmt: skip
+
+
 def section_limitations(records: Mapping[str, Mapping[str, Any]]) -> str:
     """What the records say this model can't be trusted with, then what holds for every N2-Eye."""
     lines = ["## Limitations", ""]
@@ -472,8 +546,7 @@ def section_limitations(records: Mapping[str, Mapping[str, Any]]) -> str:
         lines.append("- Frozen vision encoder: it was not adapted to new visual domains.")
     if train and isinstance(train.get("train_rows"), int):
         lines.append(f"- Training scale: {number(train['train_rows'])} training rows; expect gaps outside that data.")
-    evaluation = records.get(EVAL_RECORD) or {}
-    if evaluation.get("protocol") == "crag-mm" and not evaluation.get("judge"):
+    if any(e.get("protocol") == "crag-mm" and not e.get("judge") for e in recorded_evals(records)):
         lines.append("- The CRAG-MM figures had no LLM judge: hallucinations are an upper bound.")
     lines += ["- Scores above are from the recorded data only; they do not measure safety or factuality elsewhere.",
               "- Like every language model it can state wrong things confidently; check answers that matter."]  # fmt: skip

@@ -257,10 +257,9 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
 
 
 def recorded(cfg: EvalConfig, result: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Keeps the result as the checkpoint folder's latest eval and re-renders its model card (`model_card`); a GGUF
-    run measured the export, not the folder, so it is not recorded there. Never fails the eval."""
-    if not cfg.gguf:
-        from ..model_card import record_eval
+    """Keeps the result as the evaluated folder's latest eval and re-renders its model card (`model_card`): the
+    checkpoint's, or with --gguf the GGUF export's (what was measured). Never fails the eval."""
+    from ..model_card import record_eval
 
-        record_eval(cfg.model, result, out)
+    record_eval(cfg.gguf or cfg.model, result, out)
     return result
