@@ -16,7 +16,11 @@ from test_train import run_train, write_messages_dataset
 from n2eye.model_card import MARKER
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "colours" / "train.jsonl"
-FRONT_MATTER = {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": ["n2eye", "lfm2", "siglip"]}
+FRONT_MATTER = {
+    "library_name": "transformers",
+    "pipeline_tag": "image-text-to-text",
+    "tags": ["n2eye", "lfm2", "siglip"],
+}
 
 
 def load_card(folder: Path) -> ModelCard:
@@ -69,10 +73,13 @@ def test_a_trained_card_has_the_runs_figures(trained):
     assert row(text, "final train loss") == [f"{result['final_train_loss']:.4f}"]
     skipped = result["skipped"]
     assert skipped["skipped"] == 3 and skipped["kept"] == 6
-    assert (f"- Rows: {skipped['kept']} kept, {skipped['skipped']} skipped (" in text)
+    assert f"- Rows: {skipped['kept']} kept, {skipped['skipped']} skipped (" in text
     for reason, n in skipped["reasons"].items():
         assert f"{reason} {n}" in text
-    assert f"training rows: {result['train_rows']}" in text and f"Conversations read: {result['train_conversations']}" in text
+    assert (
+        f"training rows: {result['train_rows']}" in text
+        and f"Conversations read: {result['train_conversations']}" in text
+    )
     config = result["config"]
     assert row(text, "learning rate") == [f"{config['lr']:g}"] and row(text, "epochs") == [f"{config['epochs']:g}"]
     assert row(text, "batch size (per device)") == [str(config["batch_size"])]
@@ -219,7 +226,9 @@ def test_hub_sources_give_base_models_license_and_datasets(tiny_checkpoint, tmp_
     (folder / "n2eye_build.json").write_text(json.dumps(build))
     specs = f"crag-mm-2025/crag-mm-multi-turn-public:validation, {EXAMPLES}"
     assert hub_dataset_ids(specs) == ["crag-mm-2025/crag-mm-multi-turn-public"]
-    (folder / "n2eye_train.json").write_text(json.dumps({"config": {"data": specs}, "hub_datasets": hub_dataset_ids(specs)}))
+    (folder / "n2eye_train.json").write_text(
+        json.dumps({"config": {"data": specs}, "hub_datasets": hub_dataset_ids(specs)})
+    )
     (folder / "README.md").write_text(render_card(folder))
     data = load_card(folder).data
     assert data.base_model == ["LiquidAI/LFM2-1.2B", "google/siglip2-so400m-patch14-384"]
@@ -238,7 +247,9 @@ def test_a_gguf_export_has_a_card_with_its_files_and_llamacpp_usage(tiny_checkpo
     pytest.importorskip("gguf")
     from n2eye.convert import ConvertConfig, convert
 
-    out, report = convert(ConvertConfig(model=str(tiny_checkpoint), to="gguf", out=str(tmp_path / "gguf"), quant="q8_0"))
+    out, report = convert(
+        ConvertConfig(model=str(tiny_checkpoint), to="gguf", out=str(tmp_path / "gguf"), quant="q8_0")
+    )
     card = load_card(out)
     assert card.data.library_name == "gguf"
     lm = report["language_model"]

@@ -15,6 +15,7 @@ marker line from a card to keep hand edits. Folders a command has just created i
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import uuid
@@ -91,9 +92,9 @@ def hub_dataset_ids(specs: str | None) -> list[str]:
     ids = []
     for spec in (s.strip() for s in str(specs or "").split(",")):
         target, _ = parse_spec(spec) if spec else ("", None)
-        if _HUB_ID.fullmatch(target) and not os.path.exists(os.path.expanduser(target)):
-            if not target.lower().endswith((".json", ".jsonl", ".parquet", ".csv", ".arrow")):
-                ids.append(target)
+        file_like = target.lower().endswith((".json", ".jsonl", ".parquet", ".csv", ".arrow"))
+        if _HUB_ID.fullmatch(target) and not file_like and not os.path.exists(os.path.expanduser(target)):
+            ids.append(target)
     return list(dict.fromkeys(ids))
 
 
@@ -133,7 +134,11 @@ def eval_kind(record: Mapping[str, Any]) -> str:
     latest result is kept per kind, so a blank-image baseline run after the real eval (as `n2eye demo` does) does
     not hide it."""
     cfg = record.get("config") or {}
-    qualifiers = ["blank-images" if cfg.get("blank_images") else "", cfg.get("quantize") or "", "gguf" if cfg.get("gguf") else ""]
+    qualifiers = [
+        "blank-images" if cfg.get("blank_images") else "",
+        cfg.get("quantize") or "",
+        "gguf" if cfg.get("gguf") else "",
+    ]
     return "+".join([str(record.get("protocol") or "exact"), *[q for q in qualifiers if q]])
 
 
@@ -236,7 +241,7 @@ def card_data(records: Mapping[str, Mapping[str, Any]]):
 # ---- body sections -----------------------------------------------------------------------------------------------------
 def number(value: Any) -> str:
     """Figures as the card prints them: integers with separators, floats to 4 decimals, missing as '-'."""
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
@@ -288,8 +293,12 @@ def how_made(records: Mapping[str, Mapping[str, Any]]) -> list[str]:
     if build is not None:
         cfg = build.get("build") or {}
         what = f"preset `{cfg['preset']}`" if cfg.get("preset") else "`--lm` / `--vision`"
-        random = " with random weights (`--random-init`: the preset's shapes, no download)" if cfg.get("random_init") else ""
-        lines.append(f"`n2eye build` from {what}{random}, {cfg.get('dtype', 'float32')}, projector seed {cfg.get('seed')}")
+        random = (
+            " with random weights (`--random-init`: the preset's shapes, no download)" if cfg.get("random_init") else ""
+        )
+        lines.append(
+            f"`n2eye build` from {what}{random}, {cfg.get('dtype', 'float32')}, projector seed {cfg.get('seed')}"
+        )
     train = records.get(TRAIN_RECORD)
     if train is not None:
         cfg = train.get("config") or {}
@@ -348,13 +357,19 @@ def section_architecture(config: Mapping[str, Any]) -> str:
     text, vision = config.get("text_config") or {}, config.get("vision_config") or {}
     naflex = vision.get("model_type") == "siglip2_vision_model"
     resolution = "native resolution (NaFlex)" if naflex else f"{vision.get('image_size')} px"
-    projector = config.get("projector_type") or ("pixel_unshuffle_mlp" if config.get("model_type") == "lfm2_vl" else "mlp")
-    factor = f", pixel unshuffle {config.get('downsample_factor')}x{config.get('downsample_factor')}" if "unshuffle" in projector else ""
+    projector = config.get("projector_type") or (
+        "pixel_unshuffle_mlp" if config.get("model_type") == "lfm2_vl" else "mlp"
+    )
+    factor = (
+        f", pixel unshuffle {config.get('downsample_factor')}x{config.get('downsample_factor')}"
+        if "unshuffle" in projector
+        else ""
+    )
     rows = [
-        ["language model", f"{text.get('model_type')}: hidden {text.get('hidden_size')}, {text.get('num_hidden_layers')} "
-                           f"layers, vocabulary {text.get('vocab_size')}"],
-        ["vision encoder", f"{vision.get('model_type')}: {resolution}, patch {vision.get('patch_size')}, hidden "
-                           f"{vision.get('hidden_size')}, {vision.get('num_hidden_layers')} layers"],
+        ["language model", (f"{text.get('model_type')}: hidden {text.get('hidden_size')}, "
+                            f"{text.get('num_hidden_layers')} layers, vocabulary {text.get('vocab_size')}")],
+        ["vision encoder", (f"{vision.get('model_type')}: {resolution}, patch {vision.get('patch_size')}, hidden "
+                            f"{vision.get('hidden_size')}, {vision.get('num_hidden_layers')} layers")],
         ["projector", f"{projector}{factor}, hidden {config.get('projector_hidden_size') or text.get('hidden_size')}"],
         ["vision feature layer", str(config.get("vision_feature_layer", -1))],
         ["image token id", str(config.get("image_token_id"))],
@@ -410,7 +425,9 @@ def section_training(records: Mapping[str, Mapping[str, Any]]) -> str:
         ["last turn only", cfg.get("last_turn_only")], ["seed", cfg.get("seed")],
     ]]  # fmt: skip
     if cfg.get("train") == "lora":
-        recipe.append(["LoRA r / alpha / dropout", f"{cfg.get('lora_r')} / {cfg.get('lora_alpha')} / {cfg.get('lora_dropout')}"])
+        recipe.append(
+            ["LoRA r / alpha / dropout", f"{cfg.get('lora_r')} / {cfg.get('lora_alpha')} / {cfg.get('lora_dropout')}"]
+        )
     trainable = train.get("trainable_parameters") or {}
     results = [["steps", train.get("global_step")], ["final train loss", train.get("final_train_loss")],
                *[[f"trainable: {part.replace('_', ' ')}", n] for part, n in trainable.items()]]  # fmt: skip
@@ -424,9 +441,9 @@ def _exact_eval(record: Mapping[str, Any]) -> list[str]:
     extras = ["mean_iou", "name_acc", "args_acc", "parse_rate"]
     used = [e for e in extras if any(e in s for s in per_type.values())]
     rows = [[qtype, s.get("n"), s.get("mean_score"), *[s.get(e) for e in used]] for qtype, s in per_type.items()]
-    return [f"Exact match: overall {number(record.get('overall'))} (every turn equal), macro "
-            f"{number(record.get('macro'))} (every question type equal), {number(record.get('n'))} turns; "
-            f"answers cut at --max-new-tokens: {number(record.get('cut_at_max_new_tokens'))}.", "",
+    return [(f"Exact match: overall {number(record.get('overall'))} (every turn equal), macro "
+             f"{number(record.get('macro'))} (every question type equal), {number(record.get('n'))} turns; "
+             f"answers cut at --max-new-tokens: {number(record.get('cut_at_max_new_tokens'))}."), "",
             table(["question type", "n", "score", *used], rows)]  # fmt: skip
 
 
@@ -472,8 +489,8 @@ def section_evaluation(records: Mapping[str, Mapping[str, Any]]) -> str:
         flags = [flag for flag, on in (("blank images", cfg.get("blank_images")), (f"{cfg.get('quantize')} weights",
                  cfg.get("quantize")), ("through llama.cpp", cfg.get("gguf"))) if on]  # fmt: skip
         lines += [f"### {title}" + (f" ({', '.join(flags)})" if flags else ""), "",
-                  f"Latest `n2eye eval` ({record.get('recorded_at')}) on `{cfg.get('data')}`; full result: "
-                  f"`{record.get('result_file')}`.", ""]  # fmt: skip
+                  (f"Latest `n2eye eval` ({record.get('recorded_at')}) on `{cfg.get('data')}`; full result: "
+                   f"`{record.get('result_file')}`."), ""]  # fmt: skip
         lines += _crag_eval(record) if record.get("protocol") == "crag-mm" else _exact_eval(record)
         skipped = record.get("skipped")
         if skipped and skipped.get("skipped"):
@@ -489,8 +506,8 @@ def section_usage(model_id: str, records: Mapping[str, Mapping[str, Any]]) -> st
         return gguf_usage(model_id, records.get(CONVERT_RECORD) or {})
     config = records.get("config.json") or {}
     if kind == "adapter":
-        return "\n".join(["## Usage", "", "A LoRA adapter: merge it into its base model first, then use the merged "
-                          "folder.", "", "```bash", f"n2eye merge --adapter {model_id} --out merged", "```"])  # fmt: skip
+        return (f"## Usage\n\nA LoRA adapter: merge it into its base model, then use the merged folder.\n\n```bash\n"
+                f"n2eye merge --adapter {model_id} --out merged\n```")  # fmt: skip
     native = config.get("model_type") == "lfm2_vl"
     remote = "" if native else ", trust_remote_code=True"
     snippet = f'''```python
@@ -513,7 +530,9 @@ print(processor.decode(outputs[0][inputs["input_ids"].shape[-1]:], skip_special_
                f"n2eye chat --model {model_id}", f"n2eye serve --model {model_id}",
                f"n2eye eval --model {model_id} --data HELD_OUT --out result.json   # records its result in this card",
                "```"]  # fmt: skip
-    return "\n".join(["## Usage", "", snippet, "", "With the `n2eye` command line:" if not native else "Served:", "", *cli])
+    return "\n".join(
+        ["## Usage", "", snippet, "", "With the `n2eye` command line:" if not native else "Served:", "", *cli]
+    )
 
 
 def gguf_usage(model_id: str, report: Mapping[str, Any]) -> str:
