@@ -142,14 +142,14 @@ def eval_kind(record: Mapping[str, Any]) -> str:
     return "+".join([str(record.get("protocol") or "exact"), *[q for q in qualifiers if q]])
 
 
-def record_eval(model_dir: str | Path, result: Mapping[str, Any], out_path: str | Path | None = None) -> Path | None:
+def record_eval(model_dir: str | Path | None, result: Mapping[str, Any], out_path: str | Path | None = None) -> Path | None:
     """Keeps an `n2eye eval` result in the evaluated local folder (`n2eye_eval.json`: the latest of each
     `eval_kind`) and re-renders its card; returns the record's path. This is the hook for every eval protocol
     (`eval.runner.evaluate` calls it for exact match and crag-mm). A hub id is skipped; a folder that can't be
     written gets a warning, never an error: the eval itself succeeded and its result file is written."""
+    if model_dir is None or not Path(model_dir).expanduser().is_dir():
+        return None  # a hub id or a remote agent: nothing local to describe
     folder = Path(model_dir).expanduser()
-    if not folder.is_dir():
-        return None  # a hub id: nothing local to describe
     path = folder / EVAL_RECORD
     record = eval_record(result, out_path)
     evals = (read_json(path) or {}).get("evals")
@@ -582,13 +582,14 @@ def render_card(folder: str | Path, model_id: str | None = None) -> str:
     records = read_records(folder)
     model_id = model_id or str(folder.resolve())
     name = Path(model_id).name if os.path.sep in model_id or Path(model_id).exists() else model_id
+    sources = ", ".join(sorted(r for r in records if r.startswith("n2eye_"))) or "config.json"
     intro = (f"An N2-Eye vision-language model (LFM2 language model + SigLIP vision encoder + projector). This card "
-             f"is written by N2-Eye from the records in this folder ({', '.join(sorted(r for r in records if r.startswith('n2eye_'))) or 'config.json'}) "
-             "and rewritten when they change; delete the marker line above to keep your own edits.")  # fmt: skip
-    sections = [f"# {name}", "", MARKER, "", intro, "", section_details(folder, records), "",
-                section_architecture(records.get("config.json") or {}), "", section_training(records), "",
-                section_evaluation(records), "", section_usage(model_id, records), "", section_limitations(records)]  # fmt: skip
-    body = "\n".join(s for s in sections if s is not None).rstrip() + "\n"
+             f"is written by N2-Eye from the records in this folder ({sources}) and rewritten when they change; "
+             "delete the marker line above to keep your own edits.")  # fmt: skip
+    sections = [f"# {name}", MARKER, intro, section_details(folder, records),
+                section_architecture(records.get("config.json") or {}), section_training(records),
+                section_evaluation(records), section_usage(model_id, records), section_limitations(records)]  # fmt: skip
+    body = "\n\n".join(section.strip() for section in sections if section and section.strip()) + "\n"
     return str(ModelCard(f"---\n{card_data(records).to_yaml()}\n---\n\n{body}"))
 
 

@@ -258,8 +258,10 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
 
 def recorded(cfg: EvalConfig, result: dict[str, Any], out: Path) -> dict[str, Any]:
     """Keeps the result as the evaluated folder's latest eval and re-renders its model card (`model_card`): the
-    checkpoint's, or with --gguf the GGUF export's (what was measured). Never fails the eval."""
+    checkpoint's, or with --gguf the GGUF export's (what was measured); a remote agent (--agent-url) has no folder
+    here. Never fails the eval."""
     from ..model_card import record_eval
 
-    record_eval(cfg.gguf or cfg.model, result, out)
+    if not getattr(cfg, "agent_url", None):
+        record_eval(cfg.gguf or cfg.model, result, out)
     return result
