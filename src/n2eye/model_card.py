@@ -142,7 +142,9 @@ def eval_kind(record: Mapping[str, Any]) -> str:
     return "+".join([str(record.get("protocol") or "exact"), *[q for q in qualifiers if q]])
 
 
-def record_eval(model_dir: str | Path | None, result: Mapping[str, Any], out_path: str | Path | None = None) -> Path | None:
+def record_eval(
+    model_dir: str | Path | None, result: Mapping[str, Any], out_path: str | Path | None = None
+) -> Path | None:
     """Keeps an `n2eye eval` result in the evaluated local folder (`n2eye_eval.json`: the latest of each
     `eval_kind`) and re-renders its card; returns the record's path. This is the hook for every eval protocol
     (`eval.runner.evaluate` calls it for exact match and crag-mm). A hub id is skipped; a folder that can't be
