@@ -43,9 +43,9 @@ def row(text: str, label: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_checkpoint, tmp_path_factory) -> Path:
-    """A short full run on data with bad rows (so skips are counted), then out/final."""
+    """A short full run on data with bad rows (so skips are counted) and abstention, then out/final."""
     data = write_messages_dataset(tmp_path_factory.mktemp("data"), n=6, bad_rows=True)
-    return run_train(tiny_checkpoint, data, tmp_path_factory.mktemp("run") / "run", max_steps=4)
+    return run_train(tiny_checkpoint, data, tmp_path_factory.mktemp("run") / "run", max_steps=4, abstain_fraction=0.5)
 
 
 def test_a_built_checkpoint_has_a_card_with_its_parameter_counts(tiny_checkpoint):
@@ -81,6 +81,7 @@ def test_a_trained_card_has_the_runs_figures(trained):
         and f"Conversations read: {result['train_conversations']}" in text
     )
     config = result["config"]
+    assert f"({result['abstention_conversations']} conversations)" in text and result["abstention_conversations"] > 0
     assert row(text, "learning rate") == [f"{config['lr']:g}"] and row(text, "epochs") == [f"{config['epochs']:g}"]
     assert row(text, "batch size (per device)") == [str(config["batch_size"])]
     assert row(text, "gradient accumulation") == [str(config["grad_accum"])]

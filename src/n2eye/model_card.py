@@ -412,6 +412,10 @@ def section_training(records: Mapping[str, Mapping[str, Any]]) -> str:
               f"- Conversations read: {number(train.get('train_conversations'))}; training rows: "
               f"{number(train.get('train_rows'))}" + (" (streamed)" if cfg.get("streaming") else ""),
               _skip_line(train.get("skipped"), "Rows")]  # fmt: skip
+    if cfg.get("abstain_fraction"):
+        lines.append(f"- Abstention: {setting(cfg['abstain_fraction'])} of the conversations with images had them "
+                     f"withheld and their answers replaced by {cfg.get('abstain_answer')!r} "
+                     f"({number(train.get('abstention_conversations'))} conversations)")  # fmt: skip
     if cfg.get("eval_data"):
         lines += [f"- Held-out data: `{cfg['eval_data']}`", _skip_line(train.get("eval_skipped"), "Held-out rows")]
     bf16 = "bfloat16 mixed precision" if cfg.get("bf16") else "float32"
