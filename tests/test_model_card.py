@@ -230,8 +230,10 @@ def test_hub_sources_give_base_models_license_and_datasets(tiny_checkpoint, tmp_
     (folder / "n2eye_train.json").write_text(
         json.dumps({"config": {"data": specs}, "hub_datasets": hub_dataset_ids(specs)})
     )
-    (folder / "README.md").write_text(render_card(folder))
-    data = load_card(folder).data
+    (folder / "README.md").write_text(render_card(folder, model_id="owner/n2eye-test"))  # as published
+    card = load_card(folder)
+    assert card.text.startswith("\n# owner/n2eye-test\n") and 'model_id = "owner/n2eye-test"' in card.text
+    data = card.data
     assert data.base_model == ["LiquidAI/LFM2-1.2B", "google/siglip2-so400m-patch14-384"]
     assert (data.license, data.to_dict()["license_name"]) == ("other", "lfm1.0")
     assert data.datasets == ["crag-mm-2025/crag-mm-multi-turn-public"]

@@ -534,7 +534,8 @@ print(processor.decode(outputs[0][inputs["input_ids"].shape[-1]:], skip_special_
     else:
         cli = ["```bash", f'n2eye generate --model {model_id} --image photo.jpg --prompt "What is in this picture?"',
                f"n2eye chat --model {model_id}", f"n2eye serve --model {model_id}",
-               f"n2eye eval --model {model_id} --data HELD_OUT --out result.json   # records its result in this card",
+               f"n2eye eval --model {model_id} --data HELD_OUT --out result.json"
+               + ("" if is_hub_id(model_id) else "   # records its result in this card"),
                "```"]  # fmt: skip
     return "\n".join(
         ["## Usage", "", snippet, "", "With the `n2eye` command line:" if not native else "Served:", "", *cli]
@@ -587,7 +588,7 @@ def render_card(folder: str | Path, model_id: str | None = None) -> str:
     folder = Path(folder)
     records = read_records(folder)
     model_id = model_id or str(folder.resolve())
-    name = Path(model_id).name if os.path.sep in model_id or Path(model_id).exists() else model_id
+    name = model_id if is_hub_id(model_id) else Path(model_id).name
     sources = ", ".join(sorted(r for r in records if r.startswith("n2eye_"))) or "config.json"
     intro = (f"An N2-Eye vision-language model (LFM2 language model + SigLIP vision encoder + projector). This card "
              f"is written by N2-Eye from the records in this folder ({sources}) and rewritten when they change; "
