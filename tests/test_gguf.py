@@ -249,10 +249,11 @@ def test_llamacpp_sees_images_as_we_do(lfm2vl_gguf, size):
 
 def test_fixed_resolution_mlp_models_export_their_language_model_and_say_why_not_the_rest(tiny_checkpoint, tmp_path):
     path, report = _export(tiny_checkpoint, tmp_path / "out", "f16")
-    assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == ["n2eye_convert.json", path.name]
+    records = ["README.md", "n2eye_build.json", "n2eye_convert.json"]  # the model card and what it is rendered from
+    assert "mmproj" not in report and sorted(p.name for p in path.parent.iterdir()) == sorted([*records, path.name])
     assert json.loads((path.parent / "n2eye_convert.json").read_text())["mmproj_skipped"] == report["mmproj_skipped"]
     again, _ = _export(tiny_checkpoint, tmp_path / "out", "q8_0")  # a folder n2eye wrote is replaced, not refused
-    assert sorted(p.name for p in again.parent.iterdir()) == ["n2eye_convert.json", again.name]
+    assert sorted(p.name for p in again.parent.iterdir()) == sorted([*records, again.name])
     assert "'mlp'" in report["mmproj_skipped"] and "language model is exported" in report["mmproj_skipped"]
 
 

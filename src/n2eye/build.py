@@ -342,6 +342,7 @@ def build(cfg: BuildConfig) -> Path:
     preset = get_preset(cfg.preset) if cfg.preset else None
     projector = cfg.projector or (preset.projector if preset else "mlp")
     if cfg.random_init:
+        sources = {"lm": preset.lm, "vision": preset.vision, "random_init": True}  # shapes only
         model, processor = build_random(cfg.preset, seed=cfg.seed)
         if projector != preset.projector:
             raise ValueError("--projector can't change a --random-init preset; build from --lm/--vision instead.")
@@ -351,6 +352,7 @@ def build(cfg: BuildConfig) -> Path:
         else:
             lm = cfg.lm or preset.lm
             vision = cfg.vision or preset.vision
+        sources = {"lm": lm, "vision": vision, "random_init": False}  # what the weights came from (model card)
         # The preset's projector width holds for its projector, its vision depth for its own vision encoder.
         same_projector = preset is not None and projector == preset.projector
         same_vision = preset is not None and cfg.vision is None
@@ -362,7 +364,7 @@ def build(cfg: BuildConfig) -> Path:
     model.to(getattr(torch, cfg.dtype))
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     check_writable(cfg.out, need_bytes=n_bytes)
-    summary = {"build": dataclasses.asdict(cfg), "parameters": count_parameters(model)}
+    summary = {"build": dataclasses.asdict(cfg), "sources": sources, "parameters": count_parameters(model)}
     generation_config = default_generation_config(processor.tokenizer)
     return save_checkpoint(model, processor, cfg.out, generation_config, extra_json={"n2eye_build.json": summary})
 

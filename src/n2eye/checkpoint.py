@@ -151,7 +151,10 @@ def save_checkpoint(
     generation_config: GenerationConfig | None = None,
     extra_json: dict[str, dict] | None = None,
 ) -> Path:
-    """Saves model + processor + modeling code (+ `extra_json` files) as one loadable folder, atomically."""
+    """Saves model + processor + modeling code (+ `extra_json` files, the records) and the model card rendered from
+    them (`model_card`) as one loadable folder, atomically."""
+    from .model_card import write_card
+
     model.config.auto_map = dict(MODEL_AUTO_MAP)
     processor.auto_map = dict(PROCESSOR_AUTO_MAP)
     if generation_config is not None:
@@ -163,6 +166,7 @@ def save_checkpoint(
         processor.save_pretrained(tmp)
         copy_modeling_files(tmp)
         for name, payload in (extra_json or {}).items():
-            (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
+            (tmp / name).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        write_card(tmp, model_id=str(Path(out_dir).expanduser().resolve()))
 
     return atomic_write_dir(out_dir, write)

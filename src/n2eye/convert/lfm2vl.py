@@ -315,6 +315,7 @@ def export_lfm2vl(source: str, out: str | Path) -> tuple[Path, dict]:
     """An N2-Eye checkpoint of Lfm2Vl shape -> a native transformers Lfm2Vl folder. Returns (path, report)."""
     from transformers import AutoProcessor, Lfm2VlForConditionalGeneration
 
+    from ..model_card import lineage_records, write_card
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
     from .templates import exported_chat_template
 
@@ -352,6 +353,9 @@ def export_lfm2vl(source: str, out: str | Path) -> tuple[Path, dict]:
         for stray in tmp.glob("*.py"):  # nothing that would need trust_remote_code
             stray.unlink()
         (tmp / CONVERT_REPORT).write_text(json.dumps(report, indent=2) + "\n")  # what it is, where from
+        for name, record in lineage_records(source).items():  # what the weights came from, for the card
+            (tmp / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_card(tmp, model_id=str(Path(out).expanduser().resolve()))
 
     report = {"converted_from": source, "to": "lfm2-vl", "weights": len(lfm2vl.state_dict()),
               "parameters": sum(p.numel() for p in lfm2vl.parameters())}  # fmt: skip

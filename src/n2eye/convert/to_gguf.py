@@ -243,6 +243,7 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
     from transformers import AutoProcessor
 
     from ..checkpoint import CONVERT_REPORT, atomic_write_dir, check_writable
+    from ..model_card import lineage_records, write_card
     from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
     from .lfm2vl import ConversionError, check_local_source, read_json_file
     from .templates import exported_chat_template
@@ -287,6 +288,9 @@ def export_gguf(source: str, out: str | Path, quant: str = "f16") -> tuple[Path,
         write(tmp)
         report["weights"] = report["language_model"]["tensors"]
         (tmp / CONVERT_REPORT).write_text(json.dumps(report, indent=2) + "\n")  # what it is, where from
+        for name, record in lineage_records(source).items():  # what the weights came from, for the card
+            (tmp / name).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_card(tmp, model_id=str(Path(out).expanduser().resolve()))
 
     return atomic_write_dir(out, write_all), report
 

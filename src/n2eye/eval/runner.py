@@ -205,7 +205,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     if cfg.protocol == "crag-mm":
         from .crag_runner import run_crag
 
-        return run_crag(cfg, engine, image_settings, out)
+        return recorded(cfg, run_crag(cfg, engine, image_settings, out), out)
     report = SkipReport()
     requests = []
     for n, conversation in enumerate(load_many(cfg.data, cfg.format, report=report)):
@@ -253,4 +253,15 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
         print(f"warning: {cut} of {len(records)} answers were cut at --max-new-tokens {cfg.max_new_tokens} (scored as "
               "written, usually 0); raise --max-new-tokens if the references are longer")
     print(f"results: {out}")
+    return recorded(cfg, result, out)
+
+
+def recorded(cfg: EvalConfig, result: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Keeps the result as the evaluated folder's latest eval and re-renders its model card (`model_card`): the
+    checkpoint's, or with --gguf the GGUF export's (what was measured); a remote agent (--agent-url) has no folder
+    here. Never fails the eval."""
+    from ..model_card import record_eval
+
+    if not getattr(cfg, "agent_url", None):
+        record_eval(cfg.gguf or cfg.model, result, out)
     return result

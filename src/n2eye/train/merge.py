@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import check_writable, save_checkpoint
+from ..model_card import MERGE_RECORD, lineage_records
 
 
 @dataclass
@@ -41,7 +42,10 @@ def merge(cfg: MergeConfig) -> Path:
     model = N2EyeForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     processor = N2EyeProcessor.from_pretrained(base, trust_remote_code=True)
-    return save_checkpoint(merged, processor, cfg.out, generation_config=merged.generation_config)
+    # what the weights came from: the base's build, the adapter's training run, and this merge (for the card)
+    records = {**lineage_records(base), **lineage_records(adapter),
+               MERGE_RECORD: {"adapter": str(adapter.resolve()), "base": str(base)}}  # fmt: skip
+    return save_checkpoint(merged, processor, cfg.out, generation_config=merged.generation_config, extra_json=records)
 
 
 def merge_and_report(cfg: MergeConfig) -> Path:

@@ -24,6 +24,7 @@ from ..checkpoint import check_writable, copy_modeling_files, save_checkpoint
 from ..data.examples import abstention_of, prepare_datasets
 from ..data.report import SkipReport
 from ..image_settings import checked_image_settings
+from ..model_card import TRAIN_RECORD, lineage_records, record_training, training_record
 from ..modeling.modeling_n2eye import N2EyeForConditionalGeneration
 from ..modeling.packed_attention import PACKED_SDPA
 from ..modeling.processing_n2eye import N2EyeProcessor
@@ -259,16 +260,19 @@ def train(cfg: TrainConfig, callbacks: list[TrainerCallback] | None = None) -> P
         ),
     }
     (out / "skipped.json").write_text(json.dumps(summary["skipped"], indent=2) + "\n")
-    if cfg.train == "lora":
-        final_model.save_pretrained(out / "adapter")
-        processor.save_pretrained(out / "adapter")
-        if cfg.merge:
-            final_model = merge_lora(final_model)
-    if cfg.train != "lora" or cfg.merge:
-        save_checkpoint(final_model, processor, target, generation_config=final_model.generation_config)
     png = plot_loss_curve(metrics_path, out / "loss_curve.png")
     summary["loss_curve"] = str(png) if png else None
     summary["model"] = str(target)
+    if cfg.train == "lora":
+        final_model.save_pretrained(out / "adapter")
+        processor.save_pretrained(out / "adapter")
+        record_training(out / "adapter", summary, base=cfg.model)  # the run's record and card, over PEFT's
+        if cfg.merge:
+            final_model = merge_lora(final_model)
+    if cfg.train != "lora" or cfg.merge:  # the base's records, this run's, and the card rendered from them
+        records = {**lineage_records(cfg.model), TRAIN_RECORD: training_record(summary)}
+        save_checkpoint(final_model, processor, target, generation_config=final_model.generation_config,
+                        extra_json=records)  # fmt: skip
     (out / "train_result.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"model: {target}\nloss curve: {png}\nskipped rows: {report.summary()}")
     return target
