@@ -146,8 +146,10 @@ def test_readme_lfm2vl_round_trip(tmp_path):
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.stdout.strip() == "Lfm2VlForConditionalGeneration", result.stderr[-2000:]
     assert not list(exported.glob("*.py"))
-    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf",
-                                                                     "n2eye_convert.json"]  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == [
+        "README.md", "lfm2vl-Q8_0.gguf", "mmproj-lfm2vl-f16.gguf", "n2eye_convert.json", "n2eye_train.json"]  # fmt: skip
+    card = (tmp_path / "gguf" / "README.md").read_text()
+    assert "lfm2vl-Q8_0.gguf" in card and "llama" in card  # the card names its files and how llama.cpp runs them
 
 
 @pytest.mark.slow  # subprocess-heavy: CI's second tier (pytest -m slow)
