@@ -69,6 +69,7 @@ def test_a_trained_card_has_the_runs_figures(trained):
     assert (trained / "n2eye_build.json").is_file()  # the base's build record travels with the weights
     card = load_card(trained)
     text = card.text
+    assert text.lstrip().startswith(f"# {trained.parent.name}/final\n")  # titled after its run
     assert row(text, "steps") == [str(result["global_step"])] and result["global_step"] == 4
     assert row(text, "final train loss") == [f"{result['final_train_loss']:.4f}"]
     skipped = result["skipped"]

@@ -580,6 +580,13 @@ def section_limitations(records: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 # ---- the card --------------------------------------------------------------------------------------------------------
+def card_title(path: Path) -> str:
+    """A local folder's title: a run's `final` / `merged` / `adapter` folder is named after its run (`colours/final`)."""
+    if path.name in ("final", "merged", "adapter") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"
+    return path.name
+
+
 def render_card(folder: str | Path, model_id: str | None = None) -> str:
     """The card's full text for `folder`. `model_id`: the path or hub id the usage snippets load (default: the
     folder's absolute path)."""
@@ -588,7 +595,7 @@ def render_card(folder: str | Path, model_id: str | None = None) -> str:
     folder = Path(folder)
     records = read_records(folder)
     model_id = model_id or str(folder.resolve())
-    name = model_id if is_hub_id(model_id) else Path(model_id).name
+    name = model_id if is_hub_id(model_id) else card_title(Path(model_id))
     sources = ", ".join(sorted(r for r in records if r.startswith("n2eye_"))) or "config.json"
     intro = (f"An N2-Eye vision-language model (LFM2 language model + SigLIP vision encoder + projector). This card "
              f"is written by N2-Eye from the records in this folder ({sources}) and rewritten when they change; "
