@@ -108,8 +108,10 @@ class LlamaCppEngine:
 
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        # logits_all: llama-cpp-python keeps logits (n_ctx x vocabulary floats) only then
-        self.llm = load_llamacpp(folder, n_ctx=n_ctx, n_threads=threads or torch.get_num_threads(), logits_all=True)
+        # without logits_all: llama.cpp computes the output layer for each batch's last position only (no
+        # n_ctx x vocabulary score table); the greedy loop reads that row from the context itself
+        self.llm = load_llamacpp(folder, n_ctx=n_ctx, n_threads=threads or torch.get_num_threads())
+        self._n_vocab = self.llm.n_vocab()
         self._suppress = never_generated_token_ids(self.tokenizer)
         self._end_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
 
@@ -123,8 +125,8 @@ class LlamaCppEngine:
                                    repeat_penalty=1.0)  # fmt: skip
         prompt_tokens = llm.n_tokens
         generated: list[int] = []
-        while len(generated) < max_new_tokens:  # logits of the last evaluated position
-            logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        while len(generated) < max_new_tokens:  # logits of the last evaluated position (a copy: llama.cpp reuses it)
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,)).astype(np.float32)
             logits[self._suppress] = -np.inf
             token = int(logits.argmax())
             generated.append(token)
