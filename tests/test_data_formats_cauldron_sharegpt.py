@@ -319,3 +319,21 @@ def test_train_runs_on_each_layout_and_reports_its_skips(layout, cauldron, share
     assert result["skipped"]["reasons"] == expected
     assert result["train_conversations"] == (len(CAULDRON) if layout == "cauldron" else len(SHAREGPT))
     assert (out / "final").is_dir()
+
+
+def test_text_only_sharegpt_read_as_llava_says_which_format_to_pass(tmp_path):
+    """Without an `images` or `tools` column a ShareGPT file looks like LLaVA by its columns; its function_call rows
+    are then skipped with the flag that reads them, and `--format sharegpt` keeps them."""
+    rows = [{"conversations": [{"from": "human", "value": "Weather in Paris?"},
+                               {"from": "function_call", "value": json.dumps({"name": "get_weather",
+                                                                              "arguments": {"location": "Paris"}})},
+                               {"from": "observation", "value": "18 C"}, {"from": "gpt", "value": "18 C."}]},
+            {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]  # fmt: skip
+    (tmp_path / "tools.json").write_text(json.dumps(rows))
+    convs, report = load(tmp_path / "tools.json", tmp_path)
+    skipped = report.to_dict()
+    assert len(convs) == 1 and skipped["reasons"] == {"unknown_role": 1}
+    assert "pass --format sharegpt" in skipped["examples"]["unknown_role"][0]["detail"]
+    convs, report = load(tmp_path / "tools.json", tmp_path, fmt="sharegpt")
+    assert len(convs) == 2 and report.skipped == 0
+    assert convs[0]["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"

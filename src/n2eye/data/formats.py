@@ -371,7 +371,10 @@ def llava_to_conversation(
         speaker = turn.get("from", turn.get("role"))
         role = LLAVA_ROLES.get(str(speaker).lower()) if speaker is not None else None
         if role is None:
-            raise SkipRow(UNKNOWN_ROLE, f"turn {index} is from {speaker!r}; expected human or gpt")
+            hint = ""
+            if str(speaker).lower() in SHAREGPT_ROLES:  # function_call / observation: LlamaFactory's layout
+                hint = " (function_call and observation turns are ShareGPT's: pass --format sharegpt)"
+            raise SkipRow(UNKNOWN_ROLE, f"turn {index} is from {speaker!r}; expected human or gpt{hint}")
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise SkipRow(MALFORMED_ROW, f"turn {index} has no string value")
