@@ -337,3 +337,17 @@ def test_text_only_sharegpt_read_as_llava_says_which_format_to_pass(tmp_path):
     convs, report = load(tmp_path / "tools.json", tmp_path, fmt="sharegpt")
     assert len(convs) == 2 and report.skipped == 0
     assert convs[0]["messages"][1]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+def test_nested_images_are_read_without_rewriting_the_dataset(cauldron, sharegpt, tmp_path, monkeypatch):
+    """Images inside a list (every Cauldron subset, ShareGPT's embedded `images`) are read raw from the same Arrow
+    data: `datasets.Dataset.cast`, which writes a copy of the whole dataset, is never called."""
+    expected = [key(c) for c in load(cauldron["saved"], tmp_path)[0]]
+
+    def no_rewrite(*args, **kwargs):
+        raise AssertionError("the dataset was rewritten to turn image decoding off")
+
+    monkeypatch.setattr(datasets.Dataset, "cast", no_rewrite)
+    assert [key(c) for c in load(cauldron["saved"], tmp_path)[0]] == expected
+    convs, report = load(sharegpt["saved"], tmp_path)
+    assert convs and report.kept == len(convs)

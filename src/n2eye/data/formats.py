@@ -704,7 +704,9 @@ def _no_image_decoding(feature: Any) -> tuple[Any, bool]:
 
 
 def raw_image_view(dataset: Any) -> Any:
-    """The dataset with image decoding turned off (cheap for top-level image columns)."""
+    """The dataset, for iterating, with image decoding turned off, never rewriting its data: top-level image columns
+    by a metadata-only cast, images nested in lists or structs (The Cauldron's `images`, CRAG-MM turns) by iterating
+    the same Arrow data without decoding (`datasets.Dataset.cast` would write a copy of the whole dataset)."""
     features = getattr(dataset, "features", None)
     if not features:
         return dataset
@@ -718,7 +720,9 @@ def raw_image_view(dataset: Any) -> Any:
         for name in changed_columns:  # metadata-only change, no data rewritten
             dataset = dataset.cast_column(name, new_features[name])
         return dataset
-    return dataset.cast(new_features)
+    if isinstance(dataset, datasets.Dataset):
+        return dataset.to_iterable_dataset().decode(False)  # same rows, same order, images as {bytes, path}
+    return dataset.cast(new_features)  # a stream: cast lazily, row by row
 
 
 def _row_id(row: Any, index: int) -> Any:
