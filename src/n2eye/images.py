@@ -36,8 +36,29 @@ from n2eye.modeling.image_io import (
 __all__ = [
     "IMAGE_SOURCE_KEYS", "MAX_IMAGE_BYTES", "MAX_IMAGE_PIXELS", "URL_TIMEOUT_S", "ImageCache", "ImageFetchError",
     "ImageLoadError", "ImageURLRefused", "default_cache_dir", "image_item_source", "is_image_item", "is_url",
-    "load_image", "read_url", "resolve_image",
+    "load_image", "openai_content", "read_url", "resolve_image",
 ]  # fmt: skip
+
+
+def image_data_uri(source: Any) -> str:
+    """An image (anything `load_image` takes) as a PNG data URI: lossless, so a server that receives it (llama.cpp,
+    an OpenAI-compatible agent) sees the pixels N2-Eye's processor sees."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    load_image(source).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def openai_content(content: Any) -> Any:
+    """Chat content with its image items (PIL images, paths, URLs, HF or OpenAI style) as OpenAI `image_url` items
+    holding data URIs; text items and plain-string content as they are."""
+    if not isinstance(content, list):
+        return content
+    return [{"type": "image_url", "image_url": {"url": image_data_uri(image_item_source(item))}}
+            if isinstance(item, dict) and item.get("type") in ("image", "image_url") else item
+            for item in content]  # fmt: skip
 
 
 class ImageFetchError(ImageLoadError):

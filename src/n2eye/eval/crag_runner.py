@@ -61,11 +61,14 @@ class HttpJudge:
         self.client = ChatClient(url, api_key=api_key, timeout=timeout)
         self.model = model
         self.prompt = prompt
-        self.api_key = api_key
 
     @property
     def url(self) -> str:
         return self.client.url
+
+    @property
+    def api_key(self) -> str | None:
+        return self.client.api_key
 
     def render(self, query: str, ground_truth: str, prediction: str) -> str:
         """The prompt with its three fields filled (str.replace: the template's JSON braces stay as written)."""
@@ -210,7 +213,7 @@ class Session:
         meta = self.turn_meta[index] if index < len(self.turn_meta) else {}
         self.turns.append({
             "session_id": self.session_id, "turn": index, "question": _question_text(self.history[-1]["content"]),
-            "ground_truth": gold, "answer": answer, "is_ego": self.is_ego,
+            "ground_truth": gold, "answer": answer, "truncated_answer": truncated, "is_ego": self.is_ego,
             "cut_at_max_new_tokens": finish_reason == "length", "agent_error": error,
             **{k: meta.get(k) for k in ("interaction_id", *GROUPS, "dynamism")},
         })  # fmt: skip
@@ -319,13 +322,13 @@ def load_sessions(cfg: Any, report: Any) -> tuple[list[Session], list[str]]:
     return sessions, skipped
 
 
-def judge_asks(sessions: Sequence[Session], judge: HttpJudge, truncate) -> dict[str, tuple[str, str, str]]:
+def judge_asks(sessions: Sequence[Session], judge: HttpJudge) -> dict[str, tuple[str, str, str]]:
     """The turns the judge must see (neither an exact match nor "I don't know"), keyed by their cache key."""
     identity = {"url": judge.url, "model": judge.model, "prompt": judge.prompt}
     asks = {}
     for session in sessions:
         for turn in session.turns:
-            prediction = truncate(turn["answer"])
+            prediction = turn["truncated_answer"]
             if is_exact_match(prediction, turn["ground_truth"]) or is_missing(prediction):
                 continue
             ask = (turn["question"], turn["ground_truth"], prediction)
@@ -357,7 +360,7 @@ def run_crag(cfg: Any, engine: Any, image_settings: Mapping[str, Any], out: Path
     verdicts: dict[str, Any] = {}
     asks: dict[str, tuple[str, str, str]] = {}
     if judge is not None:
-        asks = judge_asks(sessions, judge, truncate)
+        asks = judge_asks(sessions, judge)
         verdicts = judge_all(judge, asks, cache, cfg.concurrency)
     by_ask = {ask: verdicts[key] for key, ask in asks.items()}
 

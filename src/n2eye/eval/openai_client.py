@@ -7,17 +7,15 @@ chat-completions shape) becomes one `ChatError` after `tries` attempts, so calle
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-import urllib.request
-from io import BytesIO
 from typing import Any, TypeVar
 
-from PIL import Image
+from ..images import openai_content
 
 DEFAULT_TIMEOUT_S = 60.0
 DEFAULT_TRIES = 3
@@ -38,32 +36,9 @@ def chat_completions_url(url: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
-def image_data_uri(image: Image.Image) -> str:
-    """A PIL image as a PNG data URI: lossless, so a server sees the pixels a local run sees."""
-    buffer = BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """HF chat messages (image items holding PIL images) as OpenAI messages (images as `image_url` data URIs)."""
-    out = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            items = []
-            for item in content:
-                if item.get("type") == "image":
-                    items.append({"type": "image_url", "image_url": {"url": image_data_uri(item["image"])}})
-                elif item.get("type") == "text":
-                    items.append({"type": "text", "text": item.get("text", "")})
-            content = items
-        converted = {"role": message["role"], "content": content}
-        for key in ("tool_calls", "tool_call_id", "name"):
-            if message.get(key) is not None:
-                converted[key] = message[key]
-        out.append(converted)
-    return out
+    return [{**message, "content": openai_content(message.get("content"))} for message in messages]
 
 
 class ChatClient:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..images import openai_content
+
 
 def gguf_files(folder: str | Path) -> tuple[Path, Path | None]:
     """(language model, mmproj or None) of an export folder."""
@@ -69,32 +71,6 @@ def load_llamacpp(folder: str | Path, n_ctx: int = 4096, **kwargs: Any):
     return Llama(model_path=str(model), chat_handler=handler, n_ctx=n_ctx, **{"verbose": False, **kwargs})
 
 
-def _openai_content(content: Any) -> Any:
-    """Image items (PIL images, paths, URLs) as OpenAI `image_url` items with data URIs, what the handler takes."""
-    if not isinstance(content, list):
-        return content
-    items = []
-    for item in content:
-        if isinstance(item, dict) and item.get("type") in ("image", "image_url"):
-            items.append({"type": "image_url", "image_url": {"url": _data_uri(item)}})
-        else:
-            items.append(item)
-    return items
-
-
-def _data_uri(item: dict) -> str:
-    """A PNG data URI of an image item, loaded as N2-Eye's processor loads it (so both see the same pixels)."""
-    import base64
-    import io
-
-    from ..modeling.image_io import image_item_source, load_image
-
-    source = item["image_url"]["url"] if item.get("type") == "image_url" else image_item_source(item)
-    buffer = io.BytesIO()
-    load_image(source).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 class LlamaCppEngine:
     """The part of `n2eye.load(...)`'s engine that `n2eye eval` uses, run by llama.cpp on a GGUF export: the prompt
     is rendered and evaluated by llama.cpp (its chat template, tokenizer, image preprocessing and vision graph),
@@ -118,7 +94,7 @@ class LlamaCppEngine:
     def complete(self, messages: list[dict], tools: list[dict] | None = None, max_new_tokens: int = 256) -> dict:
         import numpy as np
 
-        history = [{**m, "content": _openai_content(m.get("content"))} for m in messages]
+        history = [{**m, "content": openai_content(m.get("content"))} for m in messages]
         llm = self.llm
         # the prompt: rendered, tokenized and evaluated by llama.cpp (one greedy token sampled and dropped)
         llm.create_chat_completion(messages=history, tools=tools, max_tokens=1, temperature=0.0, top_k=1,
