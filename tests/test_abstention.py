@@ -91,3 +91,16 @@ def test_default_run_changes_nothing(tiny_checkpoint, tmp_path):
     run_train(tiny_checkpoint, data, tmp_path / "run", max_steps=1)
     assert json.loads((tmp_path / "run" / "train_result.json").read_text())["abstention_conversations"] is None
 
+
+
+def test_streaming_run_applies_the_option_as_it_reads(tiny_checkpoint, tmp_path, monkeypatch):
+    from n2eye.data import abstention
+
+    seen = []
+    real = abstention.withhold
+    monkeypatch.setattr(abstention, "withhold", lambda conv, answer: seen.append(answer) or real(conv, answer))
+    data = write_messages_dataset(tmp_path / "data", n=8)
+    run_train(tiny_checkpoint, data, tmp_path / "run", max_steps=2, streaming=True, abstain_fraction=0.5, seed=11,
+              abstain_answer="No idea.")  # fmt: skip
+    assert seen and set(seen) == {"No idea."}
+    assert json.loads((tmp_path / "run" / "train_result.json").read_text())["abstention_conversations"] is None

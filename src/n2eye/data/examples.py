@@ -85,8 +85,10 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     (the run stops at --max-steps): a source shorter than one optimizer step's batches made the Trainer begin
     epoch after epoch without ever stepping."""
 
-    def __init__(self, processor, cfg: Any, report: SkipReport, feature_cache=None):
+    def __init__(self, processor, cfg: Any, report: SkipReport, feature_cache=None,
+                 abstention: Abstention | None = None):  # fmt: skip
         self.processor, self.cfg, self.report, self.feature_cache = processor, cfg, report, feature_cache
+        self.abstention = abstention
 
     def __iter__(self):
         while True:
@@ -102,7 +104,7 @@ class StreamingExamples(torch.utils.data.IterableDataset):
 
         cfg = self.cfg
         stream = load_many(cfg.data, cfg.format, streaming=True, report=self.report, check_all_bad=False)
-        abstention = abstention_of(cfg)
+        abstention = self.abstention
         for conversation in abstention.apply(stream) if abstention else stream:
             example = encode_or_skip(self.processor, conversation, cfg.max_length, cfg.last_turn_only, self.report,
                                      cfg.image_settings())  # fmt: skip
@@ -154,7 +156,7 @@ def prepare_datasets(cfg: Any, processor, model, report: SkipReport, eval_report
         from .formats import load_many
 
         load_many(cfg.data, cfg.format, streaming=True)  # checks every SPEC's format before anything runs
-        train_set = StreamingExamples(processor, cfg, report, cache)
+        train_set = StreamingExamples(processor, cfg, report, cache, abstention)
     else:
         train_set = encode_dataset(processor, cfg.data, cfg.format, cfg.max_length, cfg.last_turn_only,
                                    cfg.max_samples, report, cfg.image_settings(), abstention)  # fmt: skip
