@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from transformers import GenerationConfig
 
@@ -121,6 +122,21 @@ def check_file_writable(path: str | Path) -> Path:
     if not os.access(out.parent, os.W_OK):
         raise PermissionError(f"{out.parent} is not writable. Choose another output path.")
     return out
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """tmp + replace: a reader (or a killed writer) never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """A JSON file (indented, anything not JSON as its str) written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def atomic_write_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:

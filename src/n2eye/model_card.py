@@ -18,11 +18,12 @@ import json
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import write_json_atomic, write_text_atomic
 
 CARD = "README.md"
 MARKER = "<!-- n2eye:model-card -->"
@@ -68,20 +69,6 @@ def lineage_records(source: str | Path | None) -> dict[str, dict[str, Any]]:
         return {}
     records = read_records(Path(source).expanduser())
     return {name: records[name] for name in LINEAGE_RECORDS if name in records}
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """tmp + replace: a reader never sees half a record."""
-    _write_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def hub_dataset_ids(specs: str | None) -> list[str]:
@@ -623,7 +610,7 @@ def write_card(folder: str | Path, model_id: str | None = None, replace_foreign:
     if path.exists() and not replace_foreign and not is_ours(path):
         print(f"note: {path} was not written by N2-Eye (no {MARKER} line); left as it is, card not updated")
         return None
-    _write_atomic(path, render_card(folder, model_id))
+    write_text_atomic(path, render_card(folder, model_id))
     return path
 
 

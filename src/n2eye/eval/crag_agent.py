@@ -24,7 +24,6 @@ class HttpAgent:
         self.client = ChatClient(url, api_key=api_key, timeout=timeout)
         self.model = model
         self.concurrency = concurrency
-        self.errors = 0
 
     @property
     def url(self) -> str:
@@ -38,7 +37,6 @@ class HttpAgent:
         try:
             text, finish = self.client.complete(payload)
         except ChatError as exc:
-            self.errors += 1
             return {"text": "", "finish_reason": "error", "error": str(exc)}
         return {"text": text, "finish_reason": finish}
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..checkpoint import write_json_atomic
 from ..data.collate import fill_images
 from .crag_cache import HistoryDigest, ResultCache, digest, partial_path, weights_fingerprint
 from .crag_protocol import SESSIONS_TO_SKIP, aggregate, is_exact_match, is_missing, score_session
@@ -397,9 +398,7 @@ def run_crag(cfg: Any, engine: Any, image_settings: Mapping[str, Any], out: Path
         "config": asdict(cfg),
         "turns": records,
     }  # fmt: skip
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result)
     failed = judge_errors + agent_errors
     cache.close(remove=not failed)  # kept after failures: the same command then retries only those calls
     print_report(result)

@@ -188,7 +188,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     """Runs the evaluation, writes cfg.out (JSON) and returns the result."""
     from tqdm.auto import tqdm
 
-    from ..checkpoint import check_file_writable
+    from ..checkpoint import check_file_writable, write_json_atomic
     from ..data.formats import load_many
     from ..data.report import SkipReport
     from ..infer.engine import load
@@ -245,9 +245,7 @@ def evaluate(cfg: EvalConfig, engine=None) -> dict[str, Any]:
     cut = sum(r["cut_at_max_new_tokens"] for r in records)
     result = {"config": asdict(cfg), **summary, "cut_at_max_new_tokens": cut, "skipped": report.to_dict(),
               "predictions": records}
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out)
+    write_json_atomic(out, result)
     print(format_table(summary["per_type"]))
     if cut:
         print(f"warning: {cut} of {len(records)} answers were cut at --max-new-tokens {cfg.max_new_tokens} (scored as "
